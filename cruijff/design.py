@@ -1,0 +1,301 @@
+"""Controls and treatments -> trials.
+
+Controls apply to every trial. Each treatment is a set of changes on top of the controls; a
+list value expands (cartesian within that treatment; wrap a list in a list to set a list-valued
+key). A treatment's control trial has the same model and dataset and only the controls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cruijff.errors import CruijffError, did_you_mean
+from cruijff.fileio import load_json, parse_json, parse_yaml, type_name
+from cruijff.models import validate_model_id
+from cruijff.settings import ExperimentConfig
+from cruijff.tasks import validate_name
+
+TRIAL_KEYS: dict[str, type] = {
+    "model": str,
+    "dataset": str,
+    "use_fine_tune": bool,
+    "use_prompt_opt": bool,
+}
+NAMESPACES = {
+    "torchtune": "finetune",
+    "finetune": "finetune",
+    "inspect": "eval",
+    "eval": "eval",
+    "prompt_opt": "prompt_opt",
+}
+KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def canonical_key(key: object) -> str:
+    """A trial-level key, or '<stage>.<path>' with the namespace alias resolved."""
+    if not isinstance(key, str):
+        raise CruijffError(f"key {key!r} must be a string")
+    if key in TRIAL_KEYS:
+        return key
+    namespace, dot, rest = key.partition(".")
+    if not dot:
+        raise CruijffError(
+            f"unknown key '{key}'{did_you_mean(key, TRIAL_KEYS)}: use one of "
+            f"{', '.join(TRIAL_KEYS)} or a dotted key such as torchtune.model.lora_rank"
+        )
+    if namespace not in NAMESPACES:
+        raise CruijffError(
+            f"unknown namespace '{namespace}' in key '{key}'{did_you_mean(namespace, NAMESPACES)}"
+            f": use one of {', '.join(NAMESPACES)}"
+        )
+    parts = rest.split(".")
+    if not all(KEY_PART.match(p) for p in parts):
+        raise CruijffError(f"key '{key}' has an invalid part: use names like model.lora_rank")
+    return f"{NAMESPACES[namespace]}.{rest}"
+
+
+def parse_assignment(text: str, option: str) -> tuple[str, Any]:
+    """'torchtune.model.lora_rank=4' -> ('finetune.model.lora_rank', 4); values are YAML."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key.strip():
+        raise CruijffError(
+            f"{option} {text!r} must be KEY=VALUE, e.g. {option} torchtune.model.lora_rank=4"
+        )
+    value = parse_yaml(raw, f"{option} {key.strip()}") if raw.strip() else ""
+    if isinstance(value, dict):
+        raise CruijffError(f"{option} {key.strip()}: a value cannot be a mapping; use JSON")
+    return canonical_key(key.strip()), value
+
+
+def _object(data: Any, source: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise CruijffError(f"{source} must be a JSON object {{\"key\": value}}, not {type_name(data)}")
+    return {canonical_key(k): v for k, v in data.items()}
+
+
+def _objects(data: Any, source: str) -> list[dict[str, Any]]:
+    """A JSON object, or a list of them (one treatment each)."""
+    if isinstance(data, list):
+        if not data:
+            raise CruijffError(f"{source} is an empty list")
+        return [_object(item, f"{source} item {i + 1}") for i, item in enumerate(data)]
+    return [_object(data, source)]
+
+
+def _merge_controls(target: dict[str, Any], new: dict[str, Any], source: str) -> None:
+    for key, value in new.items():
+        if key in target and target[key] != value:
+            raise CruijffError(
+                f"control {key} is set twice ({target[key]!r} and {value!r} from {source})"
+            )
+        target[key] = value
+
+
+@dataclass
+class Design:
+    """What the user asked for, before expansion: the input of `expand`."""
+
+    models: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    controls: dict[str, Any] = field(default_factory=dict)
+    treatments: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        models: Sequence[str] = (),
+        datasets: Sequence[str] = (),
+        control: Sequence[str] = (),
+        controls: Sequence[str] = (),
+        control_path: Sequence[Path] = (),
+        treatment: Sequence[str] = (),
+        treatments: Sequence[str] = (),
+        treatment_path: Sequence[Path] = (),
+    ) -> Design:
+        """Every form the spec allows: K=V, JSON strings and JSON files, for both sides."""
+        design = cls(models=list(models), datasets=list(datasets))
+        for text in control:
+            key, value = parse_assignment(text, "--control")
+            _merge_controls(design.controls, {key: value}, "--control")
+        for text in controls:
+            _merge_controls(design.controls, _object(parse_json(text, "--controls"), "--controls"),
+                            "--controls")
+        for path in control_path:
+            data = load_json(Path(path), "--control-path file")
+            _merge_controls(design.controls, _object(data, str(path)), str(path))
+        for text in treatment:
+            design.treatments.append(dict([parse_assignment(text, "--treatment")]))
+        for text in treatments:
+            design.treatments += _objects(parse_json(text, "--treatments"), "--treatments")
+        for path in treatment_path:
+            design.treatments += _objects(load_json(Path(path), "--treatment-path file"), str(path))
+        return design
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"models": self.models, "datasets": self.datasets, "controls": self.controls,
+                "treatments": self.treatments}
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One combination of model, dataset and settings."""
+
+    id: str
+    model: str
+    dataset: str
+    use_fine_tune: bool
+    use_prompt_opt: bool
+    settings: dict[str, Any]
+    """Stage keys ('finetune.model.lora_rank', ...) from controls and the treatment."""
+    treatment: dict[str, Any]
+    """What this trial changes relative to its control ({} for a control trial)."""
+    control: str | None
+    """Id of this trial's control trial, if one was built."""
+
+    @property
+    def is_control(self) -> bool:
+        return not self.treatment
+
+    @property
+    def label(self) -> str:
+        if self.is_control:
+            return "control"
+        return ", ".join(f"{k}={_short(v)}" for k, v in self.treatment.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "model": self.model, "dataset": self.dataset,
+                "use_fine_tune": self.use_fine_tune, "use_prompt_opt": self.use_prompt_opt,
+                "settings": self.settings, "treatment": self.treatment, "control": self.control}
+
+
+def _short(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def trial_ids() -> Iterable[str]:
+    """a, b, ..., z, aa, ab, ...: bijective base 26, shortest first."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for length in itertools.count(1):
+        for combo in itertools.product(letters, repeat=length):
+            yield "".join(combo)
+
+
+@dataclass
+class Plan:
+    trials: list[TrialSpec]
+    notices: list[str]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _check_trial_value(key: str, value: Any) -> Any:
+    expected = TRIAL_KEYS[key]
+    if not isinstance(value, expected):
+        raise CruijffError(f"{key} must be {type_name(expected())}, not {value!r}")
+    if key == "model":
+        validate_model_id(value)
+    elif key == "dataset":
+        validate_name(value, "dataset")
+    return value
+
+
+def _variants(treatment: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cartesian product of the list values of one treatment, in key order."""
+    keys = list(treatment)
+    if not keys:
+        raise CruijffError("a treatment is empty: give at least one key")
+    for key in keys:
+        if isinstance(treatment[key], list) and not treatment[key]:
+            raise CruijffError(f"treatment key {key} has an empty list of values")
+    choices = [_as_list(treatment[k]) for k in keys]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
+def expand(design: Design, config: ExperimentConfig) -> Plan:
+    """All trials, control trials first, with deterministic ids."""
+    controls = dict(design.controls)
+    base_models = _unique(design.models + _as_list(controls.pop("model", [])))
+    base_datasets = _unique(design.datasets + _as_list(controls.pop("dataset", [])))
+    trial_flags = {
+        "use_fine_tune": controls.pop("use_fine_tune", config.use_fine_tune),
+        "use_prompt_opt": controls.pop("use_prompt_opt", config.use_prompt_opt),
+    }
+    for key, value in [*(("model", m) for m in base_models),
+                       *(("dataset", d) for d in base_datasets), *trial_flags.items()]:
+        _check_trial_value(key, value)
+
+    pairs: list[tuple[str, str]] = list(itertools.product(base_models, base_datasets))
+    treated: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
+    for number, treatment in enumerate(design.treatments, start=1):
+        for variant in _variants(treatment):
+            for key in TRIAL_KEYS.keys() & variant.keys():
+                _check_trial_value(key, variant[key])
+            models = [variant["model"]] if "model" in variant else base_models
+            datasets = [variant["dataset"]] if "dataset" in variant else base_datasets
+            if not models or not datasets:
+                what = "model" if not models else "dataset"
+                raise CruijffError(
+                    f"treatment {number} has no {what}: pass --{what} or put '{what}' in it"
+                )
+            changes = {k: v for k, v in variant.items() if k not in ("model", "dataset")}
+            for model, dataset in itertools.product(models, datasets):
+                pairs.append((model, dataset))
+                label = dict(variant)
+                treated.append((model, dataset, changes, label))
+    pairs = _unique(pairs)
+    if not pairs:
+        raise CruijffError("no trials: pass --model and --dataset (or set them in a treatment)")
+
+    def settings_of(changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+        stage = {**controls, **{k: v for k, v in changes.items() if k not in TRIAL_KEYS}}
+        flags = {k: changes.get(k, v) for k, v in trial_flags.items()}
+        return stage, flags
+
+    ids = trial_ids()
+    trials: list[TrialSpec] = []
+    notices: list[str] = []
+    control_of: dict[tuple[str, str], TrialSpec] = {}
+    if config.run_control_trials or not design.treatments:
+        for model, dataset in pairs:
+            stage, flags = settings_of({})
+            trial = TrialSpec(next(ids), model, dataset, flags["use_fine_tune"],
+                              flags["use_prompt_opt"], stage, {}, None)
+            control_of[(model, dataset)] = trial
+            trials.append(trial)
+
+    seen: dict[tuple[Any, ...], str] = {}
+    for model, dataset, changes, label in treated:
+        stage, flags = settings_of(changes)
+        control = control_of.get((model, dataset))
+        fingerprint = (model, dataset, flags["use_fine_tune"], flags["use_prompt_opt"],
+                       repr(sorted(stage.items())))
+        described = ", ".join(f"{k}={_short(v)}" for k, v in label.items())
+        if control is not None and fingerprint == (
+            control.model, control.dataset, control.use_fine_tune, control.use_prompt_opt,
+            repr(sorted(control.settings.items()))
+        ):
+            notices.append(f"treatment {{{described}}} equals control trial {control.id}; "
+                           "not duplicated")
+            continue
+        if fingerprint in seen:
+            notices.append(f"treatment {{{described}}} repeats trial {seen[fingerprint]}; "
+                           "not duplicated")
+            continue
+        trial = TrialSpec(next(ids), model, dataset, flags["use_fine_tune"],
+                          flags["use_prompt_opt"], stage, label,
+                          control.id if control else None)
+        seen[fingerprint] = trial.id
+        trials.append(trial)
+    return Plan(trials, notices)
+
+
+def _unique(items: list[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))

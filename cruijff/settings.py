@@ -1,0 +1,225 @@
+"""Configuration: the experiment's config.yaml (ExperimentConfig) and cruijff's own settings.
+
+Both read `CRUIJFF_*` environment variables, which win over the file, so a cluster admin or a
+CI job can override any field without editing YAML (`CRUIJFF_ORCHESTRATION__EXECUTOR=slurm`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cruijff.errors import CruijffError, did_you_mean
+from cruijff.fileio import load_yaml_mapping
+
+SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,:+@/%=-]+$")
+"""What a Slurm value may contain: no whitespace, quote or shell metacharacter, ever."""
+SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+SLURM_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+PROFILE_NAME = re.compile(r"^(default|[A-Za-z0-9][A-Za-z0-9_.-]*__[A-Za-z0-9_.-]+)$")
+
+
+def _slurm_word(value: Any, what: str) -> str:
+    text = str(value)
+    if not SLURM_WORD.match(text):
+        raise ValueError(
+            f"{what} {text!r} may only contain letters, digits and _ . , : + @ / % = -"
+        )
+    return text
+
+
+class ResourceProfile(BaseModel):
+    """Slurm requests for one model (merged over `default`); unknown keys pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    nodes: PositiveInt | None = None
+    ntasks_per_node: PositiveInt | None = None
+    cpus_per_task: PositiveInt | None = None
+    time: str | None = None
+    account: str | None = None
+    partition: str | None = None
+    mem: PositiveInt | None = Field(None, description="memory per node, in GB")
+    gres: PositiveInt | str | None = Field(None, description="GPUs per node (a count) or a gres spec")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        if v is not None and not SLURM_TIME.match(str(v)):
+            raise ValueError(f"time {v!r} is not a Slurm time such as '00:30:00' or '1-12:00:00'")
+        return None if v is None else str(v)
+
+    @field_validator("account", "partition", mode="before")
+    @classmethod
+    def _word(cls, v: Any, info: Any) -> Any:
+        return None if v is None else _slurm_word(v, info.field_name)
+
+    @field_validator("gres", mode="before")
+    @classmethod
+    def _gres(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.isdigit():
+            if not re.match(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_]+)*$", v):
+                raise ValueError(f"gres {v!r} must be a GPU count or a spec such as 'gpu:a100:2'")
+        return v
+
+    @model_validator(mode="after")
+    def _extras(self) -> ResourceProfile:
+        for key, value in (self.model_extra or {}).items():
+            if not SLURM_KEY.match(key):
+                raise ValueError(f"resource key {key!r} must be lowercase letters, digits and _")
+            if not isinstance(value, bool) and value is not None:
+                if not isinstance(value, int | float | str):
+                    raise ValueError(f"resource {key} must be a single value, not {value!r}")
+                _slurm_word(value, key)
+        return self
+
+    def merged_over(self, base: ResourceProfile) -> ResourceProfile:
+        """This profile's set values on top of base's."""
+        data = base.model_dump(exclude_none=True)
+        data.update(self.model_dump(exclude_none=True))
+        return ResourceProfile(**data)
+
+
+class OrchestrationConfig(BaseModel):
+    """How trials are executed: on this machine or as Slurm jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal["local", "slurm"] = "local"
+
+
+class ExperimentConfig(BaseSettings):
+    """The experiment `config.yaml`. Relative paths resolve against the file's folder."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CRUIJFF_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    model_dir: Path = Field(Path("models"), description="models live in <model_dir>/<org>__<name>")
+    data_dir: Path = Field(Path("data"), description="datasets live in <data_dir>/<dataset>")
+    tasks_dir: Path = Field(Path("tasks"), description="task modules: <tasks_dir>/<task>/")
+    use_fine_tune: bool = True
+    use_prompt_opt: bool = False
+    run_control_trials: bool = True
+    finetune_config: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("finetune_config", "torchtune_config"),
+        description="a torchtune YAML used instead of the model's built-in default",
+    )
+    eval_config: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("eval_config", "inspect_config"),
+        description="a YAML of eval settings (task_args, model_args, generate) merged over defaults",
+    )
+    resources: dict[str, ResourceProfile] = Field(default_factory=lambda: {"default": ResourceProfile()})
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @field_validator("resources")
+    @classmethod
+    def _profile_names(cls, v: dict[str, ResourceProfile]) -> dict[str, ResourceProfile]:
+        for name in v:
+            if not PROFILE_NAME.match(name):
+                raise ValueError(
+                    f"resources key {name!r} must be 'default' or a model as '<org>__<name>'"
+                )
+        v.setdefault("default", ResourceProfile())
+        return v
+
+    @classmethod
+    def load(cls, path: Path) -> ExperimentConfig:
+        """Read config.yaml; every problem becomes one CruijffError naming the key."""
+        path = Path(path).expanduser().resolve()
+        data = load_yaml_mapping(path, "config file")
+        try:
+            config = cls(**data)
+        except ValidationError as exc:
+            raise CruijffError(f"{path}: {describe_validation_error(exc, cls)}") from None
+        return config.resolved_against(path.parent)
+
+    def resolved_against(self, folder: Path) -> ExperimentConfig:
+        updates = {}
+        for name in ("model_dir", "data_dir", "tasks_dir", "finetune_config", "eval_config"):
+            value = getattr(self, name)
+            if value is not None:
+                updates[name] = (folder / Path(value).expanduser()).resolve()
+        return self.model_copy(update=updates)
+
+    def resources_for(self, profile: str) -> ResourceProfile:
+        """The `default` profile with the model's entry (if any) on top."""
+        default = self.resources["default"]
+        specific = self.resources.get(profile)
+        return specific.merged_over(default) if specific else default
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    names = []
+    for name, field in model.model_fields.items():
+        names.append(name)
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.extend(str(a) for a in alias.choices)
+    return names
+
+
+def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line for the first problem in a pydantic error, with a suggestion for unknown keys."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        key = str(first["loc"][-1])
+        owner: type[BaseModel] = model
+        for part in first["loc"][:-1]:
+            sub = owner.model_fields.get(str(part)) if isinstance(part, str) else None
+            if sub is not None and isinstance(sub.annotation, type) and issubclass(
+                sub.annotation, BaseModel
+            ):
+                owner = sub.annotation
+        return f"unknown key '{loc}'{did_you_mean(key, _field_names(owner))}{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}{more}"
+
+
+class CruijffSettings(BaseSettings):
+    """Settings of the cruijff installation (not of one experiment)."""
+
+    model_config = SettingsConfigDict(env_prefix="CRUIJFF_", extra="ignore")
+
+    home: Path = Field(Path("~/.cruijff"), description="cruijff's own state (server DB, caches)")
+    offline: bool = Field(False, description="never download models (also HF_HUB_OFFLINE=1)")
+
+    @property
+    def is_offline(self) -> bool:
+        return self.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}

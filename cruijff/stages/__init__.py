@@ -1,0 +1,120 @@
+"""Stages: one file each, registered here in pipeline order.
+
+A stage turns a trial into a config file and the command that runs it; the flow and the
+generated `.slurm` scripts run that same command. Adding a stage is one new file plus a
+registry line below.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cruijff.design import TrialSpec
+from cruijff.errors import CruijffError, did_you_mean
+from cruijff.fileio import type_name
+from cruijff.models import Family
+from cruijff.settings import ExperimentConfig
+from cruijff.tasks import TaskModule
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a stage needs to resolve its config for one trial."""
+
+    config: ExperimentConfig
+    task: TaskModule
+    trial: TrialSpec
+    trial_dir: Path
+    model_path: Path
+    data_path: Path
+    family: Family | None
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A resolved stage: the config written to `<stage>.yaml` and the command that runs it."""
+
+    data: dict[str, Any]
+    command: list[str]
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    namespace: ClassVar[str]
+    """Design keys '<namespace>.*' are applied to this stage's config."""
+
+    @abstractmethod
+    def enabled(self, trial: TrialSpec) -> bool: ...
+
+    @abstractmethod
+    def resolve(self, ctx: TrialContext) -> StageConfig:
+        """Default config, then environment paths, then the trial's controls and treatment."""
+
+    def config_path(self, trial_dir: Path) -> Path:
+        return trial_dir / f"{self.name}.yaml"
+
+    def overrides(self, trial: TrialSpec) -> dict[str, Any]:
+        prefix = f"{self.namespace}."
+        return {k[len(prefix):]: v for k, v in trial.settings.items() if k.startswith(prefix)}
+
+
+def _compatible(old: Any, new: Any) -> bool:
+    """May `new` replace `old` in a config? Same kind of value; ints may stand for floats."""
+    if old is None or new is None:
+        return True
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, int | float)
+    for kind in (int, str, list, dict):
+        if isinstance(old, kind):
+            return isinstance(new, kind)
+    return True
+
+
+def set_existing(config: dict[str, Any], path: str, value: Any, where: str) -> None:
+    """Set a dotted key that must already exist in `config`, with a value of its type."""
+    parts = path.split(".")
+    node: Any = config
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            choices = list(node) if isinstance(node, dict) else []
+            prefix = ".".join(parts[:depth])
+            inside = f" under '{prefix}'" if prefix else ""
+            raise CruijffError(
+                f"key '{path}': the {where} has no '{part}'{inside}{did_you_mean(part, choices)}"
+            )
+        if depth == len(parts) - 1:
+            if not _compatible(node[part], value):
+                raise CruijffError(
+                    f"key '{path}': the {where} expects {type_name(node[part])} "
+                    f"(like {node[part]!r}), got {value!r}"
+                )
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def set_path(config: dict[str, Any], path: str, value: Any) -> None:
+    """Set a dotted key, creating mappings on the way (for cruijff's own fill-ins)."""
+    *parents, last = path.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    STAGES[cls.name] = cls()
+    return cls
+
+
+# The registry, in pipeline order: importing a stage module registers it.
+from cruijff.stages import finetune  # noqa: E402, F401
+from cruijff.stages import eval as eval_stage  # noqa: E402, F401

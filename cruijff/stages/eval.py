@@ -1,0 +1,101 @@
+"""Evaluation with Inspect AI: the task's @task, its eval.yaml args, on the trial's model."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+from cruijff.design import TrialSpec
+from cruijff.errors import CruijffError, did_you_mean
+from cruijff.fileio import load_yaml_mapping
+from cruijff.stages import Stage, StageConfig, TrialContext, register, set_existing
+from cruijff.stages.finetune import FINAL_CHECKPOINT
+
+EDITABLE = ("task_args", "model_args", "generate", "limit")
+"""Top-level eval.yaml keys a user may set (the rest are cruijff's bookkeeping)."""
+
+
+def _generate_fields() -> set[str]:
+    from inspect_ai.model import GenerateConfig  # imported only when a generate key is set
+
+    return set(GenerateConfig.model_fields)
+
+
+@register
+class EvalStage(Stage):
+    name = "eval"
+    namespace = "eval"
+
+    def enabled(self, trial: TrialSpec) -> bool:
+        return True
+
+    def resolve(self, ctx: TrialContext) -> StageConfig:
+        task = ctx.task
+        model = (ctx.trial_dir / FINAL_CHECKPOINT) if ctx.trial.use_fine_tune else ctx.model_path
+        family = ctx.family
+        config: dict[str, Any] = {
+            "task": task.name,
+            "task_file": str(task.eval_file),
+            "task_function": task.function,
+            "task_args": {
+                **copy.deepcopy(task.defaults),
+                "data_path": str(ctx.data_path),
+                "data_ext": ctx.data_path.suffix.lstrip("."),
+            },
+            "model": f"hf/{model}",
+            "model_args": {"do_sample": False, **(family.eval_model_args if family else {})},
+            "generate": dict(family.eval_generate) if family else {},
+            "limit": None,
+            "log_dir": str(ctx.trial_dir / "logs" / "eval"),
+        }
+        if ctx.config.eval_config is not None:
+            user = load_yaml_mapping(ctx.config.eval_config, "eval_config file")
+            for key, value in user.items():
+                self._set(config, ctx, str(key), value, f"eval_config {ctx.config.eval_config}")
+        for key, value in self.overrides(ctx.trial).items():
+            self._set(config, ctx, key, value, "design")
+        command = [sys.executable, "-m", "cruijff", "exec", self.name,
+                   str(self.config_path(ctx.trial_dir))]
+        return StageConfig(config, command)
+
+    def _set(self, config: dict[str, Any], ctx: TrialContext, key: str, value: Any,
+             source: str) -> None:
+        head, _, rest = key.partition(".")
+        if head in ("task_args", "model_args", "generate") and not rest:
+            if not isinstance(value, dict):
+                raise CruijffError(f"{source}: eval key '{head}' must be a mapping")
+            for sub, sub_value in value.items():
+                self._set(config, ctx, f"{head}.{sub}", sub_value, source)
+            return
+        if head not in EDITABLE and ctx.task.has_parameter(head) and not rest:
+            head, rest = "task_args", head  # shorthand: eval.<task argument>
+        if head == "task_args":
+            if not ctx.task.has_parameter(rest):
+                raise CruijffError(
+                    f"eval key 'task_args.{rest}' ({source}): @task {ctx.task.function}() has no "
+                    f"argument '{rest}'{did_you_mean(rest, ctx.task.parameters)}"
+                )
+            if rest in config["task_args"]:
+                set_existing(config, f"task_args.{rest}", value, f"task '{ctx.task.name}' args")
+            else:
+                config["task_args"][rest] = value
+        elif head == "model_args" and rest:
+            config["model_args"][rest] = value
+        elif head == "generate" and rest:
+            fields = _generate_fields()
+            if rest not in fields:
+                raise CruijffError(
+                    f"eval key 'generate.{rest}' ({source}): not an Inspect GenerateConfig "
+                    f"field{did_you_mean(rest, fields)}"
+                )
+            config["generate"][rest] = value
+        elif head == "limit" and not rest:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise CruijffError(f"eval key 'limit' ({source}) must be an integer")
+            config["limit"] = value
+        else:
+            raise CruijffError(
+                f"unknown eval key '{key}' ({source}){did_you_mean(head, EDITABLE)}: use "
+                "task_args.<arg>, model_args.<arg>, generate.<field>, limit, or a task argument"
+            )

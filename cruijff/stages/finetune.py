@@ -1,0 +1,91 @@
+"""Fine-tuning with torchtune: `tune run <recipe> --config finetune.yaml`."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+from cruijff.design import TrialSpec
+from cruijff.errors import CruijffError
+from cruijff.fileio import load_yaml_mapping
+from cruijff.models import checkpoint_files, torchtune_config_path
+from cruijff.stages import Stage, StageConfig, TrialContext, register, set_existing, set_path
+
+FINAL_CHECKPOINT = "checkpoints/final"
+"""Where a trial's fine-tuned model ends up (relative to the trial folder)."""
+
+
+def dataset_section(data_path: Path) -> dict[str, Any]:
+    """The task's dataset as torchtune reads it: a JSON file whose 'train' list holds
+    {input, output} records (the convention every cruijff task's data.py follows)."""
+    return {
+        "_component_": "torchtune.datasets.instruct_dataset",
+        "source": "json",
+        "data_files": str(data_path),
+        "field": "train",
+        "split": "train",
+        "column_map": {"input": "input", "output": "output"},
+        "train_on_input": False,
+        "packed": False,
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _load_default(path: Path) -> dict[str, Any]:
+    return load_yaml_mapping(path, "torchtune config")
+
+
+def tune_executable() -> str:
+    """The `tune` next to this interpreter, so scripts work without an activated venv."""
+    beside = Path(sys.executable).with_name("tune")
+    return str(beside) if beside.exists() else "tune"
+
+
+def recipe_for(config: dict[str, Any], default: str | None) -> str:
+    """The family's recipe for its own config; otherwise LoRA or full, read off the model."""
+    component = str(config.get("model", {}).get("_component_", ""))
+    lora = "lora" in component.rsplit(".", 1)[-1]
+    if default and ("lora" in default) == lora:
+        return default
+    return "lora_finetune_single_device" if lora else "full_finetune_single_device"
+
+
+@register
+class FinetuneStage(Stage):
+    name = "finetune"
+    namespace = "finetune"
+
+    def enabled(self, trial: TrialSpec) -> bool:
+        return trial.use_fine_tune
+
+    def resolve(self, ctx: TrialContext) -> StageConfig:
+        if ctx.config.finetune_config is not None:
+            source, default_recipe = ctx.config.finetune_config, None
+        elif ctx.family is not None:
+            default_recipe, name = ctx.family.lora
+            source = torchtune_config_path(name)
+        else:
+            raise CruijffError(
+                f"no torchtune config is known for model {ctx.trial.model}: set finetune_config "
+                "in config.yaml to a torchtune YAML for it"
+            )
+        config = copy.deepcopy(_load_default(source))
+
+        checkpoints = ctx.trial_dir / "checkpoints"
+        config["output_dir"] = str(checkpoints)
+        set_path(config, "checkpointer.checkpoint_dir", str(ctx.model_path))
+        set_path(config, "checkpointer.checkpoint_files", checkpoint_files(ctx.model_path))
+        set_path(config, "checkpointer.output_dir", str(checkpoints))
+        for key, relative in (ctx.family.files if ctx.family else {}).items():
+            set_path(config, key, str(ctx.model_path / relative))
+        config["dataset"] = dataset_section(ctx.data_path)
+        set_path(config, "metric_logger.log_dir", str(ctx.trial_dir / "logs" / "finetune"))
+
+        for key, value in self.overrides(ctx.trial).items():
+            set_existing(config, key, value, f"fine-tune config ({source.name})")
+        recipe = recipe_for(config, default_recipe)
+        command = [tune_executable(), "run", recipe, "--config", str(self.config_path(ctx.trial_dir))]
+        return StageConfig(config, command)

@@ -1,0 +1,130 @@
+"""Shared fixtures: an offline environment, the CLI run in-process, a small project on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "capitalization"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `cruijff ARGS...` in this process (optionally in `cwd`) and return its outcome."""
+    from cruijff.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> Result:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model(tmp_path_factory) -> Path:
+    """The random-init tiny model, materialized once per test session."""
+    from cruijff.tiny_model import materialize
+
+    dest = tmp_path_factory.mktemp("models") / "cruijff__tiny-llama-random"
+    materialize("cruijff/tiny-llama-random", dest)
+    return dest
+
+
+TOY_EVAL = '''
+from inspect_ai import Task, task
+
+@task
+def toy(data_path: str, data_ext: str = "json", split: str = "test", shots: int = 0) -> Task:
+    """A task that is only built, never evaluated, in these tests."""
+    raise NotImplementedError
+'''
+
+TOY_DATA = '''
+import json
+import os
+
+def build(dataset, data_dir):
+    if dataset.startswith("nothing"):
+        return
+    with open(os.path.join(data_dir, dataset), "w") as fh:
+        json.dump({"train": [{"input": "a", "output": "A"}], "test": []}, fh)
+'''
+
+CONFIG = """
+model_dir: models
+data_dir: data
+tasks_dir: tasks
+use_fine_tune: true
+use_prompt_opt: false
+run_control_trials: true
+resources:
+  default:
+    nodes: 1
+    ntasks_per_node: 1
+    time: "00:30:00"
+    account: cses
+  cruijff__tiny-llama-random:
+    mem: 8
+    gres: 1
+"""
+
+
+@dataclass
+class Project:
+    root: Path
+    config: Path
+    experiments: Path
+
+    def write_config(self, text: str) -> Path:
+        self.config.write_text(textwrap.dedent(text))
+        return self.config
+
+    def task(self, name: str) -> Path:
+        return self.root / "tasks" / name
+
+
+@pytest.fixture
+def project(tmp_path, tiny_random_model) -> Project:
+    """A config, a toy task and the tiny random model, as a researcher's folder would hold."""
+    (tmp_path / "tasks" / "toy").mkdir(parents=True)
+    (tmp_path / "tasks" / "toy" / "eval.py").write_text(TOY_EVAL)
+    (tmp_path / "tasks" / "toy" / "data.py").write_text(TOY_DATA)
+    (tmp_path / "tasks" / "toy" / "eval.yaml").write_text("split: test\n")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / tiny_random_model.name).symlink_to(tiny_random_model)
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    return Project(tmp_path, config, experiments)
+
+
+def copy_tree(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, symlinks=False)
+    return dest

@@ -1,0 +1,177 @@
+"""`cruijff build` writes the spec's layout, and every spec example works as written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from conftest import EXAMPLE
+
+M1, M70 = "meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-70B-Instruct"
+TINY = "cruijff/tiny-llama-random"
+
+
+def load(path):
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture
+def spec_site(tmp_path, tiny_random_model):
+    """The spec's folders, with the example task and stand-in weights under the Llama names:
+    real Llama weights cannot be downloaded here, so the tiny model stands in for them."""
+    site = tmp_path / "cruijff"
+    shutil.copytree(EXAMPLE / "tasks", site / "tasks")
+    for model in (M1, M70):
+        shutil.copytree(tiny_random_model, site / "models" / model.replace("/", "__"))
+    (site / "experiments").mkdir()
+    config = site / "experiments" / "config.yaml"
+    config.write_text(f"""
+model_dir: {site}/models
+data_dir: {site}/data
+tasks_dir: {site}/tasks
+use_fine_tune: True
+use_prompt_opt: False
+run_control_trials: True
+resources:
+  default: {{nodes: 1, ntasks_per_node: 1, time: "00:30:00", account: cses}}
+  meta-llama__Llama-3.2-1B-Instruct: {{mem: 8, gres: 1}}
+  meta-llama__Llama-3.2-70B-Instruct: {{mem: 8, gres: 4}}
+""")
+    return site
+
+
+def built_trials(cli, *args, cwd):
+    result = cli("build", *args, "--json", cwd=cwd)
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+def test_spec_example_key_value_form_with_stand_in_llama(cli, spec_site):
+    exps = spec_site / "experiments"
+    out = built_trials(
+        cli, "--config-path", exps / "config.yaml", "--task", "capitalization",
+        "--dataset", "words_5L_80_1000.json", "--model", M1,
+        "--control", "torchtune.model.lora_alpha=32",
+        "--treatment", "torchtune.model.lora_rank=4",
+        "--treatment", "torchtune.model.lora_rank=64", "--name", "my-awesome-experiment",
+        cwd=exps,
+    )
+    assert [t["label"] for t in out["trials"]] == [
+        "control", "finetune.model.lora_rank=4", "finetune.model.lora_rank=64"]
+    exp = exps / "my-awesome-experiment"
+    assert (exps / "config.yaml").is_file() and (exp / "config.yaml").is_file()
+    for trial in "abc":
+        folder = exp / f"trial-{trial}"
+        for name in ("config.yaml", "finetune.yaml", "finetune.slurm", "eval.yaml", "eval.slurm"):
+            assert (folder / name).is_file(), name
+        assert (folder / "checkpoints").is_dir()
+    finetune = load(exp / "trial-b" / "finetune.yaml")
+    assert finetune["model"]["lora_rank"] == 4 and finetune["model"]["lora_alpha"] == 32
+    assert finetune["model"]["_component_"] == "torchtune.models.llama3_2.lora_llama3_2_1b"
+    assert finetune["tokenizer"]["path"].endswith(
+        "meta-llama__Llama-3.2-1B-Instruct/original/tokenizer.model")
+    assert finetune["checkpointer"]["checkpoint_files"] == ["model.safetensors"]
+    assert finetune["dataset"]["data_files"] == str(spec_site / "data" / "words_5L_80_1000.json")
+    assert finetune["output_dir"] == str(exp / "trial-b" / "checkpoints")
+    assert (spec_site / "data" / "words_5L_80_1000.json").is_file()
+    resolved = load(exp / "config.yaml")
+    assert resolved["design"]["controls"] == {"finetune.model.lora_alpha": 32}
+    assert [t["id"] for t in resolved["trials"]] == ["a", "b", "c"]
+    evaluation = load(exp / "trial-a" / "eval.yaml")
+    assert evaluation["task_args"]["data_path"].endswith("words_5L_80_1000.json")
+    assert evaluation["task_args"]["data_ext"] == "json"
+    assert evaluation["model"] == f"hf/{exp / 'trial-a' / 'checkpoints' / 'final'}"
+    assert "#SBATCH --gres=gpu:1" in (exp / "trial-a" / "finetune.slurm").read_text()
+
+
+def test_spec_example_json_strings_vary_the_model(cli, spec_site):
+    exps = spec_site / "experiments"
+    out = built_trials(
+        cli, "--config-path", exps / "config.yaml", "--task", "capitalization",
+        "--dataset", "words_5L_80_1000.json",
+        "--controls", '{"torchtune.model.lora_alpha": 32}',
+        "--treatments", json.dumps({"model": [M1, M70], "torchtune.model.lora_rank": 4}),
+        cwd=exps,
+    )
+    assert [(t["model"], t["control"]) for t in out["trials"]] == [
+        (M1, None), (M70, None), (M1, "a"), (M70, "b")]
+    exp = exps / out["name"]
+    big = (exp / "trial-d" / "finetune.slurm").read_text()
+    assert "#SBATCH --gres=gpu:4" in big and "lora_finetune_distributed" in big
+    files = load(exp / "trial-d" / "finetune.yaml")["checkpointer"]["checkpoint_files"]
+    assert files == ["model.safetensors"]
+
+
+def test_spec_example_json_files_vary_the_dataset(cli, spec_site):
+    exps = spec_site / "experiments"
+    (exps / "controls.json").write_text('{"torchtune.model.lora_alpha": 32}')
+    (exps / "treatments.json").write_text(
+        '{"dataset": ["words_5L_80_1000.json", "words_10L_80_1000.json"], '
+        '"torchtune.model.lora_rank": 4}')
+    out = built_trials(
+        cli, "--config-path", exps / "config.yaml", "--task", "capitalization", "--model", M1,
+        "--control-path", exps / "controls.json", "--treatment-path", exps / "treatments.json",
+        cwd=exps,
+    )
+    assert [(t["dataset"], t["label"]) for t in out["trials"]] == [
+        ("words_5L_80_1000.json", "control"), ("words_10L_80_1000.json", "control"),
+        ("words_5L_80_1000.json", "dataset=words_5L_80_1000.json, finetune.model.lora_rank=4"),
+        ("words_10L_80_1000.json", "dataset=words_10L_80_1000.json, finetune.model.lora_rank=4"),
+    ]
+    assert (spec_site / "data" / "words_10L_80_1000.json").is_file()
+
+
+def test_dry_run_lists_trials_and_writes_nothing(cli, project):
+    args = ["build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+            "--dataset", "fresh.json", "--control", "finetune.model.lora_alpha=32",
+            "--treatments", '{"finetune.model.lora_rank": [4, 8, 16, 32]}', "--dry-run"]
+    result = cli(*args, "--json", cwd=project.experiments)
+    assert result.code == 0, result.err
+    assert len(json.loads(result.out)["trials"]) == 5
+    project.config.write_text(project.config.read_text().replace(
+        "run_control_trials: true", "run_control_trials: false"))
+    table = cli(*args, cwd=project.experiments)
+    assert table.code == 0 and "4 trials" in table.out and "Dry run" in table.out
+    assert list(project.experiments.iterdir()) == []
+    assert not (project.root / "data").exists()
+
+
+def test_building_twice_refuses_and_force_archives(cli, project):
+    args = ["build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+            "--dataset", "d.json", "--treatment", "finetune.model.lora_rank=4", "--name", "exp"]
+    assert cli(*args, cwd=project.experiments).code == 0
+    exp = project.experiments / "exp"
+    marker = exp / "trial-a" / "checkpoints" / "result.txt"
+    marker.write_text("precious")
+    again = cli(*args, cwd=project.experiments)
+    assert again.code == 2 and "already exists" in again.err and "--force" in again.err
+    assert marker.read_text() == "precious"
+    forced = cli(*args, "--force", cwd=project.experiments)
+    assert forced.code == 0, forced.err
+    archived = list((project.experiments / ".archive").iterdir())
+    assert len(archived) == 1
+    assert (archived[0] / "trial-a" / "checkpoints" / "result.txt").read_text() == "precious"
+    assert not (exp / "trial-a" / "checkpoints" / "result.txt").exists()
+
+
+def test_base_model_trial_has_no_finetune_stage(cli, project):
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--treatment", "use_fine_tune=false", "--name", "e",
+                 cwd=project.experiments)
+    assert result.code == 0, result.err
+    base = project.experiments / "e" / "trial-b"
+    assert not (base / "finetune.yaml").exists() and (base / "eval.slurm").exists()
+    assert load(base / "eval.yaml")["model"] == f"hf/{project.root / 'models' / TINY.replace('/', '__')}"
+
+
+def test_eval_keys_reach_task_args_and_generate(cli, project):
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--control", "inspect.shots=3",
+                 "--treatment", "eval.generate.max_tokens=5", "--name", "e",
+                 cwd=project.experiments)
+    assert result.code == 0, result.err
+    evaluation = load(project.experiments / "e" / "trial-b" / "eval.yaml")
+    assert evaluation["task_args"]["shots"] == 3
+    assert evaluation["generate"]["max_tokens"] == 5
