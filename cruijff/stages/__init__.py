@@ -75,9 +75,12 @@ def _compatible(old: Any, new: Any) -> bool:
     return True
 
 
-def set_existing(config: dict[str, Any], path: str, value: Any, where: str) -> None:
-    """Set a dotted key that must already exist in `config`, with a value of its type."""
+def set_existing(config: dict[str, Any], path: str, value: Any, where: str,
+                 namespace: str = "") -> None:
+    """Set a dotted key that must already exist in `config`, with a value of its type.
+    Errors show the key as the user wrote it: `namespace.path`."""
     parts = path.split(".")
+    shown = f"{namespace}.{path}" if namespace else path
     node: Any = config
     for depth, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
@@ -85,12 +88,12 @@ def set_existing(config: dict[str, Any], path: str, value: Any, where: str) -> N
             prefix = ".".join(parts[:depth])
             inside = f" under '{prefix}'" if prefix else ""
             raise CruijffError(
-                f"key '{path}': the {where} has no '{part}'{inside}{did_you_mean(part, choices)}"
+                f"key '{shown}': the {where} has no '{part}'{inside}{did_you_mean(part, choices)}"
             )
         if depth == len(parts) - 1:
             if not _compatible(node[part], value):
                 raise CruijffError(
-                    f"key '{path}': the {where} expects {type_name(node[part])} "
+                    f"key '{shown}': the {where} expects {type_name(node[part])} "
                     f"(like {node[part]!r}), got {value!r}"
                 )
             node[part] = value

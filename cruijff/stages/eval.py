@@ -77,7 +77,8 @@ class EvalStage(Stage):
                     f"argument '{rest}'{did_you_mean(rest, ctx.task.parameters)}"
                 )
             if rest in config["task_args"]:
-                set_existing(config, f"task_args.{rest}", value, f"task '{ctx.task.name}' args")
+                set_existing(config, f"task_args.{rest}", value,
+                             f"task '{ctx.task.name}' args", self.namespace)
             else:
                 config["task_args"][rest] = value
         elif head == "model_args" and rest:

@@ -85,7 +85,8 @@ class FinetuneStage(Stage):
         set_path(config, "metric_logger.log_dir", str(ctx.trial_dir / "logs" / "finetune"))
 
         for key, value in self.overrides(ctx.trial).items():
-            set_existing(config, key, value, f"fine-tune config ({source.name})")
+            set_existing(config, key, value, f"fine-tune config ({source.name})",
+                         self.namespace)
         recipe = recipe_for(config, default_recipe)
         command = [tune_executable(), "run", recipe, "--config", str(self.config_path(ctx.trial_dir))]
         return StageConfig(config, command)
