@@ -74,7 +74,9 @@ def parse_assignment(text: str, option: str) -> tuple[str, Any]:
 
 def _object(data: Any, source: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise CruijffError(f"{source} must be a JSON object {{\"key\": value}}, not {type_name(data)}")
+        raise CruijffError(
+            f"{source} must be a JSON object {{\"key\": value}}, not {type_name(data)}"
+        )
     return {canonical_key(k): v for k, v in data.items()}
 
 

@@ -54,7 +54,9 @@ class ResourceProfile(BaseModel):
     account: str | None = None
     partition: str | None = None
     mem: PositiveInt | None = Field(None, description="memory per node, in GB")
-    gres: PositiveInt | str | None = Field(None, description="GPUs per node (a count) or a gres spec")
+    gres: PositiveInt | str | None = Field(
+        None, description="GPUs per node (a count) or a gres spec"
+    )
 
     @field_validator("time", mode="before")
     @classmethod
@@ -71,9 +73,9 @@ class ResourceProfile(BaseModel):
     @field_validator("gres", mode="before")
     @classmethod
     def _gres(cls, v: Any) -> Any:
-        if isinstance(v, str) and not v.isdigit():
-            if not re.match(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_]+)*$", v):
-                raise ValueError(f"gres {v!r} must be a GPU count or a spec such as 'gpu:a100:2'")
+        if (isinstance(v, str) and not v.isdigit()
+                and not re.match(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_]+)*$", v)):
+            raise ValueError(f"gres {v!r} must be a GPU count or a spec such as 'gpu:a100:2'")
         return v
 
     @model_validator(mode="after")
@@ -112,8 +114,8 @@ class ExperimentConfig(BaseSettings):
         populate_by_name=True,
     )
 
-    model_dir: Path = Field(Path("models"), description="models live in <model_dir>/<org>__<name>")
-    data_dir: Path = Field(Path("data"), description="datasets live in <data_dir>/<dataset>")
+    model_dir: Path = Field(Path("models"), description="models: <model_dir>/<org>__<name>")
+    data_dir: Path = Field(Path("data"), description="datasets: <data_dir>/<dataset>")
     tasks_dir: Path = Field(Path("tasks"), description="task modules: <tasks_dir>/<task>/")
     use_fine_tune: bool = True
     use_prompt_opt: bool = False
@@ -126,9 +128,11 @@ class ExperimentConfig(BaseSettings):
     eval_config: Path | None = Field(
         None,
         validation_alias=AliasChoices("eval_config", "inspect_config"),
-        description="a YAML of eval settings (task_args, model_args, generate) merged over defaults",
+        description="a YAML of eval settings (task_args, model_args, generate) over defaults",
     )
-    resources: dict[str, ResourceProfile] = Field(default_factory=lambda: {"default": ResourceProfile()})
+    resources: dict[str, ResourceProfile] = Field(
+        default_factory=lambda: {"default": ResourceProfile()}
+    )
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @classmethod

@@ -119,7 +119,8 @@ def load_task(tasks_dir: Path, name: str) -> TaskModule:
     validate_name(name, "task")
     folder = tasks_dir / name
     if not folder.is_dir():
-        known = sorted(p.name for p in tasks_dir.iterdir() if p.is_dir()) if tasks_dir.is_dir() else []
+        known = sorted(p.name for p in tasks_dir.iterdir() if p.is_dir()) \
+            if tasks_dir.is_dir() else []
         hint = f" (tasks there: {', '.join(known)})" if known else ""
         raise CruijffError(f"task '{name}' not found: no folder {folder}{hint}")
 

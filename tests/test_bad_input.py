@@ -57,8 +57,9 @@ CASES = [
     ("two-tasks", edit_task("eval.py", TWO_TASKS), [], "exactly one @task (found 2: a, b)"),
     ("no-task", edit_task("eval.py", "def toy(data_path, data_ext): ...\n"), [],
      "exactly one @task (found 0)"),
-    ("task-lacks-data-path", edit_task("eval.py", "from inspect_ai import task\n@task\n"
-                                       "def toy(split='test'): ...\n"), [], "must accept data_path"),
+    ("task-lacks-data-path",
+     edit_task("eval.py", "from inspect_ai import task\n@task\ndef toy(split='test'): ...\n"),
+     [], "must accept data_path"),
     ("eval-syntax-error", edit_task("eval.py", "def toy(:\n"), [], "eval.py line 1"),
     ("eval-yaml-unknown-arg", edit_task("eval.yaml", "shotz: 1\n"), [],
      "eval.yaml sets 'shotz'"),

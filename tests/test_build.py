@@ -163,7 +163,8 @@ def test_base_model_trial_has_no_finetune_stage(cli, project):
     assert result.code == 0, result.err
     base = project.experiments / "e" / "trial-b"
     assert not (base / "finetune.yaml").exists() and (base / "eval.slurm").exists()
-    assert load(base / "eval.yaml")["model"] == f"hf/{project.root / 'models' / TINY.replace('/', '__')}"
+    base_model = project.root / "models" / TINY.replace("/", "__")
+    assert load(base / "eval.yaml")["model"] == f"hf/{base_model}"
 
 
 def test_eval_keys_reach_task_args_and_generate(cli, project):

@@ -119,5 +119,5 @@ def register(cls: type[Stage]) -> type[Stage]:
 
 
 # The registry, in pipeline order: importing a stage module registers it.
-from cruijff.stages import finetune  # noqa: E402, F401
 from cruijff.stages import eval as eval_stage  # noqa: E402, F401
+from cruijff.stages import finetune  # noqa: E402, F401

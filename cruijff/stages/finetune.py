@@ -88,5 +88,6 @@ class FinetuneStage(Stage):
             set_existing(config, key, value, f"fine-tune config ({source.name})",
                          self.namespace)
         recipe = recipe_for(config, default_recipe)
-        command = [tune_executable(), "run", recipe, "--config", str(self.config_path(ctx.trial_dir))]
+        config_file = str(self.config_path(ctx.trial_dir))
+        command = [tune_executable(), "run", recipe, "--config", config_file]
         return StageConfig(config, command)

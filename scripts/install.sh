@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) and install cruijff with the CPU-only pins; sourced by the
+# quickstart and test scripts. Idempotent: a second run only checks.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${CRUIJFF_VENV:-$repo/.venv}"
+extras="${1:-}"
+python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "cruijff needs Python 3.11 (found $("$python" --version)); set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  echo "Creating $venv"
+  "$python" -m venv "$venv"
+fi
+stamp="$venv/.cruijff-installed${extras:+-$extras}"
+if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || [ "$repo/constraints-cpu.txt" -nt "$stamp" ]; then
+  echo "Installing cruijff${extras:+[$extras]} into $venv (first time: a few minutes)"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -c "$repo/constraints-cpu.txt" -e "$repo${extras:+[$extras]}"
+  touch "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
