@@ -128,6 +128,19 @@ def model_get(
     out.print(f"{model_id}: {path}", markup=False)
 
 
+@app.command("exec", hidden=True)
+def exec_stage(
+    stage: Annotated[str, typer.Argument(help="stage name")],
+    config: Annotated[Path, typer.Argument(help="the stage's config file")],
+) -> None:
+    """Run one stage from its config file (what the flow and the .slurm scripts call)."""
+    from cruijff.stages import STAGES
+
+    if stage not in STAGES:
+        raise CruijffError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
+    raise typer.Exit(STAGES[stage].execute(config))
+
+
 @app.command()
 def version() -> None:
     """Print cruijff's version."""

@@ -128,8 +128,10 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
     resources = config.resources_for(model_key(trial.model))
     enabled = [stage for stage in STAGES.values() if stage.enabled(trial)]
     _check_used(trial, [s.namespace for s in enabled])
+    commands = {}
     for stage in enabled:
         resolved = stage.resolve(ctx)
+        commands[stage.name] = resolved.command
         files[f"{folder}/{stage.name}.yaml"] = dump_yaml(resolved.data)
         files[f"{folder}/{stage.name}.slurm"] = render_script(
             job_name=f"cruijff-{name}-{trial.id}-{stage.name}",
@@ -148,6 +150,7 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
         "data_path": str(ctx.data_path),
         "resources": resources.model_dump(exclude_none=True),
         "stages": [s.name for s in enabled],
+        "commands": commands,
     })
     return [s.name for s in enabled]
 

@@ -57,7 +57,7 @@ class TaskModule:
         if target.exists():
             return target
         data_dir.mkdir(parents=True, exist_ok=True)
-        build = _load_function(self.folder / "data.py", f"_cruijff_task_{self.name}_data", "build")
+        build = load_function(self.folder / "data.py", f"_cruijff_task_{self.name}_data", "build")
         try:
             build(dataset, str(data_dir))
         except Exception as exc:  # user code: any failure is reported, with its type
@@ -165,7 +165,7 @@ def load_task(tasks_dir: Path, name: str) -> TaskModule:
     return module
 
 
-def _load_function(path: Path, module_name: str, attr: str) -> Any:
+def load_function(path: Path, module_name: str, attr: str) -> Any:
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise CruijffError(f"cannot import {path}")

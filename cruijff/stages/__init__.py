@@ -33,6 +33,18 @@ class TrialContext:
     family: Family | None
 
 
+class StageFailed(Exception):
+    """The stage ran, but its outputs are missing or not what they must be."""
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What a finished stage produced: output paths (relative to the trial) and metrics."""
+
+    outputs: list[str]
+    metrics: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """A resolved stage: the config written to `<stage>.yaml` and the command that runs it."""
@@ -45,6 +57,8 @@ class Stage(ABC):
     name: ClassVar[str]
     namespace: ClassVar[str]
     """Design keys '<namespace>.*' are applied to this stage's config."""
+    backend: ClassVar[str]
+    """The distribution doing the work; its version is part of the stage key."""
 
     @abstractmethod
     def enabled(self, trial: TrialSpec) -> bool: ...
@@ -52,6 +66,18 @@ class Stage(ABC):
     @abstractmethod
     def resolve(self, ctx: TrialContext) -> StageConfig:
         """Default config, then environment paths, then the trial's controls and treatment."""
+
+    @abstractmethod
+    def verify(self, trial_dir: Path, config: dict[str, Any]) -> Verified:
+        """Check the outputs of a finished run; raise StageFailed if they are not right."""
+
+    @abstractmethod
+    def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
+        """Everything a run of this stage writes (moved to the archive by --force)."""
+
+    def execute(self, config_path: Path) -> int:
+        """Run the stage in this process (for stages whose command is `cruijff exec`)."""
+        raise CruijffError(f"stage {self.name} is run by its own command, not `cruijff exec`")
 
     def config_path(self, trial_dir: Path) -> Path:
         return trial_dir / f"{self.name}.yaml"

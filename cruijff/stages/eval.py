@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 from typing import Any
 
 from cruijff.design import TrialSpec
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_yaml_mapping
-from cruijff.stages import Stage, StageConfig, TrialContext, register, set_existing
+from cruijff.stages import (
+    Stage,
+    StageConfig,
+    StageFailed,
+    TrialContext,
+    Verified,
+    register,
+    set_existing,
+)
 from cruijff.stages.finetune import FINAL_CHECKPOINT
 
 EDITABLE = ("task_args", "model_args", "generate", "limit")
@@ -26,6 +35,7 @@ def _generate_fields() -> set[str]:
 class EvalStage(Stage):
     name = "eval"
     namespace = "eval"
+    backend = "inspect-ai"
 
     def enabled(self, trial: TrialSpec) -> bool:
         return True
@@ -58,6 +68,51 @@ class EvalStage(Stage):
         command = [sys.executable, "-m", "cruijff", "exec", self.name,
                    str(self.config_path(ctx.trial_dir))]
         return StageConfig(config, command)
+
+    def execute(self, config_path: Path) -> int:
+        """`cruijff exec eval eval.yaml`: run the task with eval_set semantics (a re-run
+        reuses the samples already scored in log_dir and re-executes only failed ones)."""
+        from inspect_ai import eval_set
+
+        from cruijff.tasks import load_function
+
+        config = load_yaml_mapping(config_path, "eval config")
+        make_task = load_function(Path(config["task_file"]),
+                                  f"_cruijff_task_{config['task']}_eval", config["task_function"])
+        success, _ = eval_set(
+            tasks=[make_task(**config["task_args"])],
+            log_dir=config["log_dir"],
+            model=config["model"],
+            model_args=config["model_args"],
+            limit=config["limit"],
+            display="plain",
+            **config["generate"],
+        )
+        return 0 if success else 1
+
+    def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
+        return [Path(config["log_dir"])]
+
+    def verify(self, trial_dir: Path, config: dict[str, Any]) -> Verified:
+        """Done only if the newest log in log_dir has status 'success'."""
+        from inspect_ai.log import list_eval_logs, read_eval_log
+
+        logs = list_eval_logs(config["log_dir"], recursive=False)
+        if not logs:
+            raise StageFailed(f"eval wrote no log in {config['log_dir']}")
+        newest = max(logs, key=lambda info: info.mtime or 0)
+        log = read_eval_log(newest, header_only=True)
+        if log.status != "success":
+            error = log.error.message.splitlines()[0] if log.error else "no error recorded"
+            raise StageFailed(f"eval log status is {log.status}: {error}")
+        metrics: dict[str, Any] = {"samples": log.results.completed_samples if log.results else 0}
+        for score in log.results.scores if log.results else []:
+            for name, metric in score.metrics.items():
+                metrics[name if len(log.results.scores) == 1 else f"{score.name}/{name}"] = (
+                    metric.value
+                )
+        location = Path(newest.name.removeprefix("file://"))
+        return Verified([str(location.relative_to(trial_dir))], metrics)
 
     def _set(self, config: dict[str, Any], ctx: TrialContext, key: str, value: Any,
              source: str) -> None:

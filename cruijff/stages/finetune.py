@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,16 @@ from cruijff.design import TrialSpec
 from cruijff.errors import CruijffError
 from cruijff.fileio import load_yaml_mapping
 from cruijff.models import checkpoint_files, torchtune_config_path
-from cruijff.stages import Stage, StageConfig, TrialContext, register, set_existing, set_path
+from cruijff.stages import (
+    Stage,
+    StageConfig,
+    StageFailed,
+    TrialContext,
+    Verified,
+    register,
+    set_existing,
+    set_path,
+)
 
 FINAL_CHECKPOINT = "checkpoints/final"
 """Where a trial's fine-tuned model ends up (relative to the trial folder)."""
@@ -44,6 +55,26 @@ def tune_executable() -> str:
     return str(beside) if beside.exists() else "tune"
 
 
+LOSS = re.compile(r"\bloss:([-+0-9.eE]+|nan|inf)")
+
+
+def training_losses(log_dir: Path) -> list[float]:
+    """Loss per step from the newest torchtune DiskLogger file in log_dir."""
+    logs = sorted(log_dir.glob("log_*.txt"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return []
+    return [float(m.group(1)) for m in LOSS.finditer(logs[-1].read_text(encoding="utf-8"))]
+
+
+def recipe_command(recipe: str, config_file: str) -> list[str]:
+    """torchtune's LoRA recipe goes through cruijff's copy-before-merge subclass (see
+    cruijff/recipes); every other recipe runs as torchtune ships it."""
+    if recipe == "lora_finetune_single_device":
+        return [sys.executable, "-m", "cruijff.recipes.lora_finetune_single_device",
+                "--config", config_file]
+    return [tune_executable(), "run", recipe, "--config", config_file]
+
+
 def recipe_for(config: dict[str, Any], default: str | None) -> str:
     """The family's recipe for its own config; otherwise LoRA or full, read off the model."""
     component = str(config.get("model", {}).get("_component_", ""))
@@ -57,6 +88,7 @@ def recipe_for(config: dict[str, Any], default: str | None) -> str:
 class FinetuneStage(Stage):
     name = "finetune"
     namespace = "finetune"
+    backend = "torchtune"
 
     def enabled(self, trial: TrialSpec) -> bool:
         return trial.use_fine_tune
@@ -88,6 +120,30 @@ class FinetuneStage(Stage):
             set_existing(config, key, value, f"fine-tune config ({source.name})",
                          self.namespace)
         recipe = recipe_for(config, default_recipe)
-        config_file = str(self.config_path(ctx.trial_dir))
-        command = [tune_executable(), "run", recipe, "--config", config_file]
-        return StageConfig(config, command)
+        return StageConfig(config, recipe_command(recipe, str(self.config_path(ctx.trial_dir))))
+
+    def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
+        log_dir = config.get("metric_logger", {}).get("log_dir")
+        checkpoints = sorted(Path(config["output_dir"]).glob("*"))
+        return [*checkpoints, *([Path(log_dir)] if log_dir else [])]
+
+    def verify(self, trial_dir: Path, config: dict[str, Any]) -> Verified:
+        """The final epoch's weights exist and the loss was logged; checkpoints/final points
+        at that epoch, which is what the eval stage loads."""
+        epochs = int(config.get("epochs") or 1)
+        epoch_dir = Path(config["output_dir"]) / f"epoch_{epochs - 1}"
+        if not any(epoch_dir.glob("*.safetensors")) or not (epoch_dir / "config.json").is_file():
+            raise StageFailed(f"fine-tune finished without model weights in {epoch_dir}")
+        log_dir = Path(config.get("metric_logger", {}).get("log_dir", ""))
+        losses = training_losses(log_dir)
+        if not losses:
+            raise StageFailed(f"fine-tune logged no training loss in {log_dir}")
+        final = trial_dir / FINAL_CHECKPOINT
+        link = final.with_name(f".{final.name}.tmp")
+        link.unlink(missing_ok=True)
+        link.symlink_to(epoch_dir.name)
+        os.replace(link, final)
+        return Verified(
+            outputs=[str(p.relative_to(trial_dir)) for p in (epoch_dir, final)],
+            metrics={"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses)},
+        )

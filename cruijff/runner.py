@@ -1,0 +1,304 @@
+"""Running an experiment's stages, without any orchestrator: what to run, running one stage
+as a subprocess with its log, verifying it, and recording the outcome on disk.
+
+flows/ calls these from Prefect tasks; everything here also works (and is tested) alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from cruijff.errors import CruijffError
+from cruijff.experiment import ARCHIVE, trial_dir_name
+from cruijff.fileio import load_yaml_mapping
+from cruijff.stages import STAGES, StageFailed
+from cruijff.state import (
+    RECORDS,
+    StageRecord,
+    digest,
+    file_digest,
+    folder_fingerprint,
+    now,
+    read_record,
+    record_path,
+    where_local,
+    write_record,
+)
+
+SHARED_STAGES = ("finetune",)
+"""Stages that trials with equal keys share: the first such trial runs it, the others link."""
+ERROR_TAIL_LINES = 8
+
+
+@dataclass(frozen=True)
+class Trial:
+    id: str
+    dir: Path
+    stages: list[str]
+    commands: dict[str, list[str]]
+    model: str
+    dataset: str
+    label: str
+    control: str | None
+    model_path: Path
+    data_path: Path
+
+
+@dataclass(frozen=True)
+class Experiment:
+    path: Path
+    name: str
+    trials: list[Trial]
+
+    def trial(self, trial_id: str) -> Trial:
+        for trial in self.trials:
+            if trial.id == trial_id:
+                return trial
+        raise CruijffError(f"experiment {self.name} has no trial {trial_id!r}")
+
+
+def load_experiment(path: Path) -> Experiment:
+    """An experiment as `cruijff build` wrote it."""
+    path = Path(path).expanduser().resolve()
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
+                           "build one with `cruijff build`")
+    data = load_yaml_mapping(config_file, "experiment config")
+    if "trials" not in data or "name" not in data:
+        raise CruijffError(f"{config_file} is not an experiment config written by cruijff build")
+    trials = []
+    for entry in data["trials"]:
+        folder = path / trial_dir_name(entry["id"])
+        trial = load_yaml_mapping(folder / "config.yaml", f"trial {entry['id']} config")
+        trials.append(Trial(
+            id=entry["id"], dir=folder, stages=list(trial["stages"]),
+            commands=trial["commands"], model=trial["model"], dataset=trial["dataset"],
+            label=trial["label"], control=trial.get("control"),
+            model_path=Path(trial["model_path"]), data_path=Path(trial["data_path"]),
+        ))
+    return Experiment(path, data["name"], trials)
+
+
+def select(experiment: Experiment, trials: str | None = None,
+           stage: str | None = None) -> list[tuple[Trial, list[str]]]:
+    """(trial, stages to consider) for `--trials a,b` and `--stage NAME`."""
+    if stage is not None and stage not in STAGES:
+        raise CruijffError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
+    chosen = experiment.trials
+    if trials is not None:
+        ids = [t.strip() for t in trials.split(",") if t.strip()]
+        if not ids:
+            raise CruijffError("--trials is empty: give trial ids such as a,b,c")
+        known = {t.id for t in experiment.trials}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise CruijffError(
+                f"unknown trial {unknown[0]!r}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                + f": experiment {experiment.name} has trials "
+                f"{experiment.trials[0].id}..{experiment.trials[-1].id}"
+            )
+        wanted = set(ids)
+        chosen = [t for t in experiment.trials if t.id in wanted]
+    selection = [(t, [s for s in t.stages if stage is None or s == stage]) for t in chosen]
+    return [(t, stages) for t, stages in selection if stages]
+
+
+def _backend_version(distribution: str) -> str:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def stage_key(trial: Trial, stage: str) -> str:
+    """A hash of everything that determines the stage's outputs: its config with this trial's
+    paths taken out, the data's content, the model's files, the backend's version, and the
+    runs of the stages before it. Equal keys mean equal outputs (so they can be shared)."""
+    text = (trial.dir / f"{stage}.yaml").read_text(encoding="utf-8")
+    for path, placeholder in ((trial.dir, "<trial>"), (trial.model_path, "<model>"),
+                              (trial.data_path, "<data>")):
+        text = text.replace(str(path), placeholder)
+    upstream = {}
+    for earlier in trial.stages[: trial.stages.index(stage)]:
+        record = read_record(trial.dir, earlier)
+        upstream[earlier] = record.run_id if record else None
+    return digest({
+        "stage": stage,
+        "config": text,
+        "data": file_digest(trial.data_path) if trial.data_path.is_file() else None,
+        "model": [trial.model, folder_fingerprint(trial.model_path)],
+        "backend": _backend_version(STAGES[stage].backend),
+        "upstream": upstream,
+    })
+
+
+def is_done(trial: Trial, stage: str, key: str) -> bool:
+    record = read_record(trial.dir, stage)
+    return record is not None and record.is_done and record.key == key
+
+
+def _die_with_parent() -> None:
+    """Child of a worker: if the worker dies (even by SIGKILL), so does the stage."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
+    """The last non-empty lines of a log: what a failure summary shows."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = None,
+                  where: str | None = None) -> StageRecord:
+    """Run one stage's command, verify its outputs, and record the outcome atomically."""
+    previous = read_record(trial.dir, stage)
+    attempts = previous.attempts + 1 if previous and previous.key == key else 1
+    log = trial.dir / "logs" / f"{stage}-attempt{attempts}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    record = StageRecord(stage, key, "running", attempts, log=str(log.relative_to(trial.dir)),
+                         where=where or where_local())
+    write_record(trial.dir, record)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.monotonic()
+    with log.open("w", encoding="utf-8") as out:
+        proc = subprocess.run(trial.commands[stage], cwd=trial.dir, stdout=out,
+                              stderr=subprocess.STDOUT, env=env, check=False,
+                              preexec_fn=_die_with_parent)
+    record.duration_s = round(time.monotonic() - start, 2)
+    record.finished = now()
+    if proc.returncode != 0:
+        record.status = "failed"
+        record.error = f"exit code {proc.returncode}\n{_tail(log)}"
+    else:
+        config = load_yaml_mapping(STAGES[stage].config_path(trial.dir), f"{stage} config")
+        try:
+            verified = STAGES[stage].verify(trial.dir, config)
+        except StageFailed as exc:
+            record.status, record.error = "failed", str(exc)
+        else:
+            record.status = "done"
+            record.outputs, record.metrics = verified.outputs, verified.metrics
+    write_record(trial.dir, record)
+    return record
+
+
+def link_shared(trial: Trial, owner: Trial, stage: str) -> StageRecord:
+    """Make `trial` use `owner`'s finished run of a shared stage (its checkpoints/ becomes a
+    link to the owner's) and record that."""
+    done = read_record(owner.dir, stage)
+    if done is None or not done.is_done:
+        raise CruijffError(f"trial {owner.id} has no finished {stage} to share")
+    checkpoints = trial.dir / "checkpoints"
+    if checkpoints.is_symlink():
+        checkpoints.unlink()
+    elif checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    elif checkpoints.exists():
+        _archive_paths(trial.dir.parent, trial, [checkpoints])
+    checkpoints.symlink_to(owner.dir / "checkpoints")
+    record = StageRecord(stage, done.key, "reused", run_id=done.run_id, finished=now(),
+                         outputs=done.outputs, metrics=done.metrics, reused_from=owner.id,
+                         where=done.where)
+    write_record(trial.dir, record)
+    return record
+
+
+def _archive_paths(experiment_path: Path, trial: Trial, paths: list[Path],
+                   stamp: str | None = None) -> Path:
+    stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    dest = experiment_path / ARCHIVE / stamp / trial_dir_name(trial.id)
+    for path in paths:
+        if not (path.exists() or path.is_symlink()):
+            continue
+        target = dest / path.relative_to(trial.dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), str(target))
+    return dest.parent
+
+
+def archive_stages(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) -> Path:
+    """--force: move the selected stages' outputs, logs and records into the archive."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    folder = experiment.path / ARCHIVE / stamp
+    for trial, stages in selection:
+        for stage in stages:
+            config = load_yaml_mapping(STAGES[stage].config_path(trial.dir), f"{stage} config")
+            paths = [record_path(trial.dir, stage),
+                     *sorted((trial.dir / "logs").glob(f"{stage}-attempt*.log"))]
+            if stage in SHARED_STAGES and (trial.dir / "checkpoints").is_symlink():
+                paths.append(trial.dir / "checkpoints")
+            else:
+                paths += STAGES[stage].artifacts(trial.dir, config)
+            _archive_paths(experiment.path, trial, paths, stamp)
+        (trial.dir / "checkpoints").mkdir(exist_ok=True)
+    return folder
+
+
+@contextmanager
+def run_lock(experiment: Experiment) -> Iterator[None]:
+    """One `cruijff run` per experiment at a time; the OS frees the lock if the process dies."""
+    path = experiment.path / RECORDS / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise CruijffError(
+                f"experiment {experiment.name} is already being run ({holder}): wait for it to "
+                "finish or stop it first"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                 "since": now()}))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pending(selection: list[tuple[Trial, list[str]]]) -> list[tuple[Trial, str]]:
+    """Stages not done with their current key. A stage whose upstream will run counts too."""
+    todo = []
+    for trial, stages in selection:
+        upstream_runs = False
+        for stage in stages:
+            if upstream_runs or not is_done(trial, stage, stage_key(trial, stage)):
+                todo.append((trial, stage))
+                upstream_runs = True
+    return todo
+
+
+def summarize(record: StageRecord | None) -> dict[str, Any]:
+    if record is None:
+        return {"status": "pending"}
+    return {"status": record.status, "attempts": record.attempts,
+            "duration_s": record.duration_s, "metrics": record.metrics, "error": record.error,
+            "reused_from": record.reused_from}

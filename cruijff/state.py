@@ -1,0 +1,104 @@
+"""Stage records on disk, and stage keys.
+
+Completion lives on disk: a stage is done when `<trial>/.cruijff/<stage>.json` says so with a
+key equal to the stage's current key. Records are written atomically, and "done" only after
+the outputs were verified, so a crash at any moment leaves either the old record or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from cruijff.fileio import atomic_write_text
+
+RECORDS = ".cruijff"
+Status = Literal["running", "done", "failed", "reused"]
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    key: str
+    status: Status
+    attempts: int = 1
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Changes on every execution: downstream keys include it, so a re-run invalidates them."""
+    started: str = field(default_factory=lambda: now())
+    finished: str | None = None
+    duration_s: float | None = None
+    outputs: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    log: str | None = None
+    error: str | None = None
+    where: str | None = None
+    """Where it ran: 'local:<host>:<pid>' or 'slurm:<job id>'."""
+    reused_from: str | None = None
+    """For a shared stage: the trial whose execution this one reuses."""
+
+    @property
+    def is_done(self) -> bool:
+        return self.status in ("done", "reused")
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def record_path(trial_dir: Path, stage: str) -> Path:
+    return trial_dir / RECORDS / f"{stage}.json"
+
+
+def read_record(trial_dir: Path, stage: str) -> StageRecord | None:
+    """The stage's record, or None if there is none (or it is unreadable: then it is not done)."""
+    try:
+        data = json.loads(record_path(trial_dir, stage).read_text(encoding="utf-8"))
+        return StageRecord(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_record(trial_dir: Path, record: StageRecord) -> None:
+    atomic_write_text(record_path(trial_dir, record.stage), json.dumps(asdict(record), indent=2))
+
+
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, cached per (path, size, mtime) within this process."""
+    stat = path.stat()
+    cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if cache_key not in _file_hashes:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _file_hashes[cache_key] = digest.hexdigest()
+    return _file_hashes[cache_key]
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Names, sizes and mtimes of a model folder's files: cheap, and changes when they change."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            entries.append(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def digest(material: Any) -> str:
+    """A stable hash of JSON-able material."""
+    text = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def where_local() -> str:
+    return f"local:{os.uname().nodename}:{os.getpid()}"
