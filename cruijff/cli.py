@@ -28,58 +28,49 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Get models into a model directory.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+server_app = typer.Typer(help="The local Prefect server cruijff starts on demand.",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 ConfigPath = Annotated[
-    Path, typer.Option("--config-path", "-c", help="the experiment config.yaml")
+    Path, typer.Option("--config-path", "-c", help="the experiment config.yaml",
+                       metavar="FILE")
 ]
-Repeated = Annotated[list[str] | None, typer.Option()]
+Task = Annotated[str, typer.Option(help="task folder name under tasks_dir", metavar="TASK")]
+Datasets = Annotated[list[str] | None, typer.Option(
+    "--dataset", help="dataset file name under data_dir (repeatable)", metavar="NAME")]
+Models = Annotated[list[str] | None, typer.Option(
+    "--model", help="Hugging Face model id org/name (repeatable)", metavar="MODEL")]
+Control = Annotated[list[str] | None, typer.Option(
+    "--control", help="KEY=VALUE applied to every trial (repeatable)", metavar="KEY=VALUE")]
+Controls = Annotated[list[str] | None, typer.Option(
+    "--controls", help='controls as a JSON object, e.g. \'{"k": 1}\'', metavar="JSON")]
+ControlPath = Annotated[list[Path] | None, typer.Option(
+    "--control-path", help="a JSON file holding the controls object", metavar="FILE")]
+Treatment = Annotated[list[str] | None, typer.Option(
+    "--treatment", help="KEY=VALUE: one treatment per option (repeatable)",
+    metavar="KEY=VALUE")]
+Treatments = Annotated[list[str] | None, typer.Option(
+    "--treatments", help="a JSON object (one treatment) or a list of them; lists expand",
+    metavar="JSON")]
+TreatmentPath = Annotated[list[Path] | None, typer.Option(
+    "--treatment-path", help="a JSON file: a treatment object or a list of them",
+    metavar="FILE")]
+Name = Annotated[str | None, typer.Option(
+    help="experiment name (default: <task>-<date>-<time>)", metavar="NAME")]
+Root = Annotated[Path, typer.Option(
+    help="experiment root: the experiment is written to <root>/<name>", metavar="DIR")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 
-@app.command()
-def build(
-    config_path: ConfigPath,
-    task: Annotated[str, typer.Option(help="task folder name under tasks_dir")],
-    dataset: Annotated[
-        list[str] | None, typer.Option(help="dataset file name under data_dir (repeatable)")
-    ] = None,
-    model: Annotated[
-        list[str] | None, typer.Option(help="Hugging Face model id, e.g. org/name (repeatable)")
-    ] = None,
-    control: Annotated[
-        list[str] | None, typer.Option(help="KEY=VALUE applied to every trial (repeatable)")
-    ] = None,
-    controls: Annotated[
-        list[str] | None, typer.Option(help='controls as a JSON object, e.g. \'{"k": 1}\'')
-    ] = None,
-    control_path: Annotated[
-        list[Path] | None, typer.Option(help="a JSON file holding the controls object")
-    ] = None,
-    treatment: Annotated[
-        list[str] | None, typer.Option(help="KEY=VALUE: one treatment per option (repeatable)")
-    ] = None,
-    treatments: Annotated[
-        list[str] | None,
-        typer.Option(help="a JSON object (one treatment) or list of objects; lists expand"),
-    ] = None,
-    treatment_path: Annotated[
-        list[Path] | None, typer.Option(help="a JSON file: a treatment object or a list of them")
-    ] = None,
-    name: Annotated[
-        str | None, typer.Option(help="experiment name (default: <task>-<date>-<time>)")
-    ] = None,
-    root: Annotated[
-        Path, typer.Option(help="experiment root: the experiment is written to <root>/<name>")
-    ] = Path("."),
-    dry_run: Annotated[bool, typer.Option(help="print the trials and write nothing")] = False,
-    force: Annotated[
-        bool, typer.Option(help="rebuild an existing experiment, moving the old one to .archive/")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
-) -> None:
-    """Turn a config and controls/treatments into an experiment of trials."""
+def _build(config_path: Path, task: str, *, dataset: list[str] | None,
+           model: list[str] | None, control: list[str] | None, controls: list[str] | None,
+           control_path: list[Path] | None, treatment: list[str] | None,
+           treatments: list[str] | None, treatment_path: list[Path] | None, name: str | None,
+           root: Path, dry_run: bool, force: bool, as_json: bool):
     from cruijff.design import Design
     from cruijff.experiment import BuildRequest, build_experiment, trial_rows
 
@@ -96,7 +87,7 @@ def build(
         print(json.dumps({"name": built.name, "path": str(built.path), "dry_run": dry_run,
                           "archived": str(built.archived) if built.archived else None,
                           "notices": built.plan.notices, "trials": rows}, indent=2))
-        return
+        return built
     table = Table(title=f"{built.name}: {len(rows)} trials")
     for column in ("trial", "model", "dataset", "treatment", "control", "stages"):
         table.add_column(column, overflow="fold")
@@ -112,6 +103,229 @@ def build(
         out.print("Dry run: nothing was written.")
     else:
         out.print(f"Built {built.path}", markup=False)
+    return built
+
+
+@app.command()
+def build(
+    config_path: ConfigPath,
+    task: Task,
+    dataset: Datasets = None,
+    model: Models = None,
+    control: Control = None,
+    controls: Controls = None,
+    control_path: ControlPath = None,
+    treatment: Treatment = None,
+    treatments: Treatments = None,
+    treatment_path: TreatmentPath = None,
+    name: Name = None,
+    root: Root = Path("."),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the trials, write nothing")]
+    = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="rebuild an existing experiment, moving the old one to .archive/")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Turn a config and controls/treatments into an experiment of trials."""
+    _build(config_path, task, dataset=dataset, model=model, control=control, controls=controls,
+           control_path=control_path, treatment=treatment, treatments=treatments,
+           treatment_path=treatment_path, name=name, root=root, dry_run=dry_run, force=force,
+           as_json=as_json)
+
+
+STATUS_STYLE = {"done": "green", "reused": "green", "skipped": "green", "failed": "red",
+                "running": "yellow", "pending": "dim"}
+
+
+def _stage_cells(trial, stages: list[str]) -> list[str]:
+    from cruijff.state import read_record
+
+    cells = []
+    for stage in stages:
+        record = read_record(trial.dir, stage)
+        status = record.status if record else "pending"
+        text = status if status != "reused" else f"reused {record.reused_from}"
+        if record and record.duration_s is not None and status != "reused":
+            text += f" {record.duration_s:.0f}s"
+        cells.append(f"[{STATUS_STYLE.get(status, '')}]{text}[/]")
+    return cells
+
+
+def _results(selection) -> tuple[Table, list[dict], bool]:
+    """Trials x stages from the records on disk, with each trial's score and final loss."""
+    from cruijff.state import read_record
+
+    stages = list(dict.fromkeys(s for _, trial_stages in selection for s in trial_stages))
+    table = Table(title="trials")
+    for column in ("trial", "treatment", *stages, "accuracy", "final loss"):
+        table.add_column(column, overflow="fold")
+    rows, all_done = [], True
+    for trial, trial_stages in selection:
+        records = {s: read_record(trial.dir, s) for s in trial.stages}
+        all_done &= all(records[s] is not None and records[s].is_done for s in trial_stages)
+        accuracy = (records.get("eval") and records["eval"].metrics.get("accuracy"))
+        loss = (records.get("finetune") and records["finetune"].metrics.get("loss_last"))
+        cells = [c if s in trial_stages else "" for s, c in
+                 zip(stages, _stage_cells(trial, stages), strict=True)]
+        table.add_row(trial.id, trial.label, *cells,
+                      "-" if accuracy is None else f"{accuracy:.3f}",
+                      "-" if loss is None else f"{loss:.4f}")
+        rows.append({"id": trial.id, "label": trial.label, "accuracy": accuracy,
+                     "final_loss": loss,
+                     "stages": {s: (records[s].status if records[s] else "pending")
+                                for s in trial_stages}})
+    return table, rows, all_done
+
+
+@app.command()
+def run(
+    experiment: Annotated[Path | None, typer.Argument(
+        help="the experiment folder; or give build options to build one first",
+        metavar="EXPERIMENT")] = None,
+    stage: Annotated[str | None, typer.Option(
+        help="run only this stage: finetune, eval", metavar="STAGE")] = None,
+    trials: Annotated[str | None, typer.Option(
+        help="only these trials, e.g. a,b,c", metavar="IDS")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="re-run the selected stages even if done; old outputs go to .archive/")]
+    = False,
+    workers: Annotated[int | None, typer.Option(
+        help="local Dask workers (default: orchestration.workers, else one per core)",
+        min=1)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress")] = False,
+    as_json: JsonFlag = False,
+    config_path: Annotated[Path | None, typer.Option(
+        "--config-path", "-c", help="build first: the experiment config.yaml",
+        metavar="FILE")] = None,
+    task: Annotated[str | None, typer.Option(help="build first: the task",
+                                             metavar="TASK")] = None,
+    dataset: Datasets = None,
+    model: Models = None,
+    control: Control = None,
+    controls: Controls = None,
+    control_path: ControlPath = None,
+    treatment: Treatment = None,
+    treatments: Treatments = None,
+    treatment_path: TreatmentPath = None,
+    name: Name = None,
+    root: Root = Path("."),
+) -> None:
+    """Run an experiment's trials: skip done stages, run the rest, show what happened.
+
+    Exit code 0 when every selected stage is done, 1 when any failed."""
+    from cruijff.runner import archive_stages, load_experiment, pending, run_lock, select
+    from cruijff.settings import CruijffSettings
+
+    if experiment is None:
+        if config_path is None or task is None:
+            raise CruijffError("give an experiment folder, or --config-path and --task to build "
+                               "one first (see cruijff run --help)")
+        built = _build(config_path, task, dataset=dataset, model=model, control=control,
+                       controls=controls, control_path=control_path, treatment=treatment,
+                       treatments=treatments, treatment_path=treatment_path, name=name,
+                       root=root, dry_run=False, force=force, as_json=False)
+        experiment, force = built.path, False
+    elif config_path is not None or task is not None:
+        raise CruijffError("give either an experiment folder or build options, not both")
+
+    exp = load_experiment(experiment)
+    selection = select(exp, trials, stage)
+    if not selection:
+        raise CruijffError(f"nothing selected: no trial of {exp.name} has stage {stage!r}")
+    with run_lock(exp):
+        if force:
+            archive = archive_stages(exp, selection)
+            out.print(f"Moved previous outputs of the selected stages to {archive}", markup=False)
+        if not pending(selection):
+            table, rows, _ = _results(selection)
+            if as_json:
+                print(json.dumps({"experiment": exp.name, "ran": False, "trials": rows}))
+            else:
+                out.print(table)
+                out.print(f"Experiment {exp.name} is already complete: nothing to run "
+                          "(--force re-runs).", markup=False)
+            return
+        ok = _run_flow(exp, selection, stage=stage, trials=trials, quiet=quiet or as_json,
+                       workers=workers or exp.orchestration.workers,
+                       home=CruijffSettings().home)
+    table, rows, all_done = _results(selection)
+    if as_json:
+        print(json.dumps({"experiment": exp.name, "ran": True, "trials": rows}))
+    else:
+        out.print(table)
+    if not (ok and all_done):
+        raise typer.Exit(1)
+
+
+def _run_flow(exp, selection, *, stage: str | None, trials: str | None, quiet: bool,
+              workers: int | None, home: Path) -> bool:
+    """Start (or find) the Prefect server, then run the experiment flow in this process."""
+    from rich.live import Live
+
+    for handler in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):
+        os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{handler}_LEVEL", "WARNING")
+    from flows.server import ensure_api
+
+    with err.status("Starting the Prefect server ..."):
+        info = ensure_api(home)
+    err.print(f"Prefect UI: {info.ui_url}  (runs tagged exp:{exp.name})", markup=False)
+    from flows.experiment import run_experiment
+
+    def board() -> Table:
+        return _results(selection)[0]
+
+    if quiet:
+        return run_experiment(exp.path, stage=stage, trials=trials, workers=workers,
+                              retries=exp.orchestration.retries)
+    with Live(get_renderable=board, console=err, refresh_per_second=1, transient=True):
+        return run_experiment(exp.path, stage=stage, trials=trials, workers=workers,
+                              retries=exp.orchestration.retries)
+
+
+@server_app.command("start")
+def server_start(
+    database_url: Annotated[str | None, typer.Option(
+        help="a PostgreSQL URL (postgresql+asyncpg://...) instead of SQLite")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: a free one, then kept)")]
+    = None,
+) -> None:
+    """Start the local Prefect server (on 127.0.0.1) if it is not running; print its address."""
+    from cruijff.settings import CruijffSettings
+    from flows.server import start_server
+
+    with err.status("Starting the Prefect server ..."):
+        info = start_server(CruijffSettings().home, database_url=database_url, port=port)
+    out.print(f"Prefect server running: UI {info.ui_url}, API {info.url} (pid {info.pid}, "
+              f"database {info.database})", markup=False)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server."""
+    from cruijff.settings import CruijffSettings
+    from flows.server import stop_server
+
+    stopped = stop_server(CruijffSettings().home)
+    out.print("Prefect server stopped." if stopped else "No cruijff Prefect server was running.")
+
+
+@server_app.command("status")
+def server_status(as_json: JsonFlag = False) -> None:
+    """Is the local Prefect server running? Exit code 0 if it is, 1 if not."""
+    from cruijff.settings import CruijffSettings
+    from flows.server import server_status as status
+
+    info = status(CruijffSettings().home)
+    if as_json:
+        print(json.dumps(None if info is None else info.__dict__))
+    elif info is None:
+        out.print("No cruijff Prefect server is running (it starts with `cruijff run` or "
+                  "`cruijff server start`).")
+    else:
+        out.print(f"Prefect server running: UI {info.ui_url}, API {info.url} (pid {info.pid}, "
+                  f"database {info.database})", markup=False)
+    if info is None:
+        raise typer.Exit(1)
 
 
 @model_app.command("get")

@@ -25,6 +25,7 @@ from typing import Any
 from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, trial_dir_name
 from cruijff.fileio import load_yaml_mapping
+from cruijff.settings import OrchestrationConfig
 from cruijff.stages import STAGES, StageFailed
 from cruijff.state import (
     RECORDS,
@@ -63,6 +64,7 @@ class Experiment:
     path: Path
     name: str
     trials: list[Trial]
+    orchestration: OrchestrationConfig
 
     def trial(self, trial_id: str) -> Trial:
         for trial in self.trials:
@@ -91,7 +93,8 @@ def load_experiment(path: Path) -> Experiment:
             label=trial["label"], control=trial.get("control"),
             model_path=Path(trial["model_path"]), data_path=Path(trial["data_path"]),
         ))
-    return Experiment(path, data["name"], trials)
+    orchestration = OrchestrationConfig(**data.get("config", {}).get("orchestration", {}))
+    return Experiment(path, data["name"], trials, orchestration)
 
 
 def select(experiment: Experiment, trials: str | None = None,

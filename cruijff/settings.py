@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveInt,
     ValidationError,
     field_validator,
@@ -102,6 +103,10 @@ class OrchestrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     executor: Literal["local", "slurm"] = "local"
+    workers: PositiveInt | None = Field(
+        None, description="local: Dask worker processes (default: one per CPU core)"
+    )
+    retries: NonNegativeInt = Field(1, description="retries of a failed stage")
 
 
 class ExperimentConfig(BaseSettings):
