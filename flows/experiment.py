@@ -38,16 +38,16 @@ class StageFailedError(RuntimeError):
 
 
 class _SharedStages:
-    """Within one run: the first trial to need a shared stage with a given key runs it;
-    trials with the same key wait for it and then link to its outputs."""
+    """Within one run: of the trials that need a shared stage with equal keys, the first (in
+    trial order) runs it; the others wait for it and then link to its outputs."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._claims: dict[tuple[str, str], tuple[str, threading.Event]] = {}
-
-    def claim(self, stage: str, key: str, trial_id: str) -> tuple[str, threading.Event]:
-        with self._lock:
-            return self._claims.setdefault((stage, key), (trial_id, threading.Event()))
+    def __init__(self, selection: list[tuple[Trial, list[str]]]) -> None:
+        self.owners: dict[tuple[str, str], str] = {}
+        for trial, stages in selection:
+            for stage in stages:
+                if stage in SHARED_STAGES:
+                    self.owners.setdefault((stage, stage_key(trial, stage)), trial.id)
+        self.finished = {claim: threading.Event() for claim in self.owners}
 
 
 _RUNS: dict[str, _SharedStages] = {}
@@ -68,9 +68,15 @@ def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: in
 run_stage = task(name="stage")(_run_stage)
 
 
-def _done_elsewhere(experiment: Experiment, stage: str, key: str) -> Trial | None:
-    for other in experiment.trials:
-        if stage in other.stages and is_done(other, stage, key):
+def _shared_donor(exp: Experiment, trial: Trial, stage: str, key: str,
+                  shared: _SharedStages) -> Trial | None:
+    """The trial whose finished run of this shared stage `trial` can reuse, waiting for the
+    owner if another trial runs it now; None if `trial` must run it (owner, or owner failed)."""
+    owner = shared.owners.get((stage, key))
+    if owner is not None and owner != trial.id:
+        shared.finished[(stage, key)].wait()
+    for other in exp.trials:
+        if other.id != trial.id and stage in other.stages and is_done(other, stage, key):
             record = read_record(other.dir, stage)
             if record is not None and record.reused_from is None:
                 return other
@@ -78,37 +84,32 @@ def _done_elsewhere(experiment: Experiment, stage: str, key: str) -> Trial | Non
 
 
 def _trial(experiment: str, trial_id: str, stages: list[str], run_id: str,
-               threads: int = 1, retries: int = 1) -> dict[str, str]:
+           threads: int = 1, retries: int = 1) -> dict[str, str]:
     """One trial's pipeline: each stage runs only if it is not done with its current key."""
     exp = load_experiment(Path(experiment))
     trial = exp.trial(trial_id)
+    shared = _RUNS[run_id]
     outcome: dict[str, str] = {}
     for stage in stages:
         key = stage_key(trial, stage)
         if is_done(trial, stage, key):
             outcome[stage] = "skipped"
             continue
-        event = None
         if stage in SHARED_STAGES:
-            donor = _done_elsewhere(exp, stage, key)
-            if donor is None:
-                owner, event = _RUNS[run_id].claim(stage, key, trial.id)
-                if owner != trial.id:
-                    event.wait()
-                    donor = _done_elsewhere(exp, stage, key)
-                    if donor is None:
-                        outcome[stage] = "failed"
-                        break
-            if donor is not None and donor.id != trial.id:
+            donor = _shared_donor(exp, trial, stage, key, shared)
+            if donor is not None:
                 link_shared(trial, donor, stage)
                 outcome[stage] = "reused"
                 continue
-        future = run_stage.with_options(
-            task_run_name=f"trial-{trial.id}-{stage}", retries=retries, tags=[f"stage:{stage}"]
-        ).submit(experiment, trial.id, stage, key, threads)
-        future.wait()
-        if event is not None:
-            event.set()
+        try:
+            future = run_stage.with_options(
+                task_run_name=f"trial-{trial.id}-{stage}", retries=retries,
+                tags=[f"stage:{stage}"],
+            ).submit(experiment, trial.id, stage, key, threads)
+            future.wait()
+        finally:
+            if shared.owners.get((stage, key)) == trial.id:
+                shared.finished[(stage, key)].set()
         if not future.state.is_completed():
             outcome[stage] = "failed"
             break
@@ -129,12 +130,13 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
     cores = os.cpu_count() or 1
     workers = min(workers or cores, max(1, len(selection)))
     threads = max(1, cores // workers)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # workers inherit it
     run_id = uuid.uuid4().hex
-    _RUNS[run_id] = _SharedStages()
+    _RUNS[run_id] = _SharedStages(selection)
     states: dict[str, str] = {}
     try:
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.ERROR) as cluster:
+                          dashboard_address=":0", silence_logs=logging.ERROR) as cluster:
 
             def run_trial(trial: Trial, stages: list[str]) -> str:
                 with tags(f"trial:{trial.id}"):

@@ -73,10 +73,13 @@ class EvalStage(Stage):
         """`cruijff exec eval eval.yaml`: run the task with eval_set semantics (a re-run
         reuses the samples already scored in log_dir and re-executes only failed ones)."""
         from inspect_ai import eval_set
+        from inspect_ai.model import ModelInfo, set_model_info
 
         from cruijff.tasks import load_function
 
         config = load_yaml_mapping(config_path, "eval config")
+        # Known to Inspect, a local model is not loaded a second time just to look up its info.
+        set_model_info(config["model"], ModelInfo(organization="local", model=config["model"]))
         make_task = load_function(Path(config["task_file"]),
                                   f"_cruijff_task_{config['task']}_eval", config["task_function"])
         success, _ = eval_set(
