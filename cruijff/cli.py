@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,12 @@ from rich.table import Table
 
 from cruijff import __version__
 from cruijff.errors import CruijffError
+
+if TYPE_CHECKING:  # the CLI imports the core lazily, so `--help` stays fast
+    from cruijff.experiment import BuildRequest, Built
+    from cruijff.runner import Experiment, Trial
+
+Selection = list[tuple["Trial", list[str]]]
 
 app = typer.Typer(
     name="cruijff",
@@ -66,21 +72,25 @@ Root = Annotated[Path, typer.Option(
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 
-def _build(config_path: Path, task: str, *, dataset: list[str] | None,
-           model: list[str] | None, control: list[str] | None, controls: list[str] | None,
-           control_path: list[Path] | None, treatment: list[str] | None,
-           treatments: list[str] | None, treatment_path: list[Path] | None, name: str | None,
-           root: Path, dry_run: bool, force: bool, as_json: bool):
+def _request(config_path: Path, task: str, *, dataset: list[str] | None,
+             model: list[str] | None, control: list[str] | None, controls: list[str] | None,
+             control_path: list[Path] | None, treatment: list[str] | None,
+             treatments: list[str] | None, treatment_path: list[Path] | None,
+             name: str | None, root: Path) -> BuildRequest:
     from cruijff.design import Design
-    from cruijff.experiment import BuildRequest, build_experiment, trial_rows
+    from cruijff.experiment import BuildRequest
 
     design = Design.from_options(
         models=model or [], datasets=dataset or [], control=control or [],
         controls=controls or [], control_path=control_path or [], treatment=treatment or [],
         treatments=treatments or [], treatment_path=treatment_path or [],
     )
-    request = BuildRequest(config_path=config_path, task=task, design=design, root=root,
-                           name=name)
+    return BuildRequest(config_path=config_path, task=task, design=design, root=root, name=name)
+
+
+def _build(request: BuildRequest, *, dry_run: bool, force: bool, as_json: bool) -> Built:
+    from cruijff.experiment import build_experiment, trial_rows
+
     built = build_experiment(request, dry_run=dry_run, force=force)
     rows = trial_rows(built)
     if as_json:
@@ -127,10 +137,10 @@ def build(
     as_json: JsonFlag = False,
 ) -> None:
     """Turn a config and controls/treatments into an experiment of trials."""
-    _build(config_path, task, dataset=dataset, model=model, control=control, controls=controls,
-           control_path=control_path, treatment=treatment, treatments=treatments,
-           treatment_path=treatment_path, name=name, root=root, dry_run=dry_run, force=force,
-           as_json=as_json)
+    request = _request(config_path, task, dataset=dataset, model=model, control=control,
+                       controls=controls, control_path=control_path, treatment=treatment,
+                       treatments=treatments, treatment_path=treatment_path, name=name, root=root)
+    _build(request, dry_run=dry_run, force=force, as_json=as_json)
 
 
 STATUS_STYLE = {"done": "green", "reused": "green", "skipped": "green", "failed": "red",
@@ -220,11 +230,16 @@ def run(
         if config_path is None or task is None:
             raise CruijffError("give an experiment folder, or --config-path and --task to build "
                                "one first (see cruijff run --help)")
-        built = _build(config_path, task, dataset=dataset, model=model, control=control,
-                       controls=controls, control_path=control_path, treatment=treatment,
-                       treatments=treatments, treatment_path=treatment_path, name=name,
-                       root=root, dry_run=False, force=force, as_json=False)
-        experiment, force = built.path, False
+        from cruijff.experiment import matching_experiment
+
+        request = _request(config_path, task, dataset=dataset, model=model, control=control,
+                           controls=controls, control_path=control_path, treatment=treatment,
+                           treatments=treatments, treatment_path=treatment_path, name=name,
+                           root=root)
+        experiment = None if force else matching_experiment(request)
+        if experiment is None:  # new, changed, or --force: build it (again)
+            experiment = _build(request, dry_run=False, force=force, as_json=False).path
+            force = False
     elif config_path is not None or task is not None:
         raise CruijffError("give either an experiment folder or build options, not both")
 
@@ -257,8 +272,8 @@ def run(
         raise typer.Exit(1)
 
 
-def _run_flow(exp, selection, *, stage: str | None, trials: str | None, quiet: bool,
-              workers: int | None, home: Path) -> bool:
+def _run_flow(exp: Experiment, selection: Selection, *, stage: str | None,
+              trials: str | None, quiet: bool, workers: int | None, home: Path) -> bool:
     """Start (or find) the Prefect server, then run the experiment flow in this process."""
     from rich.live import Live
 

@@ -19,7 +19,7 @@ from typing import Any
 from cruijff import __version__
 from cruijff.design import Design, Plan, TrialSpec, expand
 from cruijff.errors import CruijffError
-from cruijff.fileio import dump_yaml
+from cruijff.fileio import dump_yaml, load_yaml_mapping
 from cruijff.models import ensure_model, family_of, model_key
 from cruijff.settings import CruijffSettings, ExperimentConfig
 from cruijff.slurm import render_script
@@ -197,6 +197,22 @@ def _copy_root_config(config_path: Path, root: Path) -> None:
     target = root / "config.yaml"
     if not target.exists():
         shutil.copyfile(config_path, target)
+
+
+def matching_experiment(request: BuildRequest) -> Path | None:
+    """The experiment this request names, if it was built from the same config, task and
+    design (so `cruijff run` with build options can simply continue it)."""
+    if request.name is None:
+        return None
+    path = request.root.resolve() / request.name
+    try:
+        built = load_yaml_mapping(path / "config.yaml", "experiment config")
+    except CruijffError:
+        return None
+    same = (built.get("task") == request.task
+            and built.get("config_path") == str(request.config_path.resolve())
+            and built.get("design") == request.design.to_dict())
+    return path if same else None
 
 
 def trial_rows(built: Built) -> list[dict[str, Any]]:
