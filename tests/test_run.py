@@ -224,3 +224,20 @@ def test_run_json_reports_each_trial(experiment, env):
     report = json.loads(result.stdout)
     assert [t["id"] for t in report["trials"]] == ["a", "b", "c"]
     assert report["ran"] is False
+
+
+def test_a_failing_stage_fails_its_trial_only_after_its_retry(site, env):
+    """Trial b's eval cannot run (no such split): it is retried once, recorded failed with the
+    error's last lines, the run exits 1, and trial a still completes."""
+    result = cruijff("run", "--config-path", site / "config.yaml", "--root", site,
+                     "--name", "failing", "--task", "capitalization",
+                     "--dataset", "words_5L_80_1000.json", "--model", TINY,
+                     "--control", "use_fine_tune=false", "--control", "eval.limit=2",
+                     "--treatment", "eval.split=nope", env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    good = read_record(site / "failing" / "trial-a", "eval")
+    bad = read_record(site / "failing" / "trial-b", "eval")
+    assert good.status == "done"
+    assert bad.status == "failed" and bad.attempts == 2
+    assert "has no split 'nope'" in bad.error
+    assert (site / "failing" / "trial-b" / "logs" / "eval-attempt2.log").is_file()
