@@ -156,10 +156,14 @@ def is_done(trial: Trial, stage: str, key: str) -> bool:
     return record is not None and record.is_done and record.key == key
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+
+
 def _die_with_parent() -> None:
-    """Child of a worker: if the worker dies (even by SIGKILL), so does the stage."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    """In the forked child, before exec: if the thread that started the stage dies (its
+    process killed, even by SIGKILL), the stage is killed too instead of running on orphaned.
+    Only a pre-resolved C call runs here, as is safe between fork and exec."""
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:

@@ -135,7 +135,9 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
     _RUNS[run_id] = _SharedStages(selection)
     states: dict[str, str] = {}
     try:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+        # Workers are threads of this process: a stage is a subprocess anyway, and threads
+        # start in milliseconds where worker processes take seconds to import Prefect.
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
                           dashboard_address=":0", silence_logs=logging.ERROR) as cluster:
 
             def run_trial(trial: Trial, stages: list[str]) -> str:
