@@ -196,9 +196,20 @@ def run(
         help="run only this stage: finetune, eval", metavar="STAGE")] = None,
     trials: Annotated[str | None, typer.Option(
         help="only these trials, e.g. a,b,c", metavar="IDS")] = None,
+    failed: Annotated[bool, typer.Option(
+        "--failed", help="only trials with a failed (or interrupted) stage")] = False,
     force: Annotated[bool, typer.Option(
         "--force", help="re-run the selected stages even if done; old outputs go to .archive/")]
     = False,
+    executor: Annotated[str | None, typer.Option(
+        help="local or slurm (default: orchestration.executor)", metavar="EXECUTOR")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="show what would run (for slurm: the worker job scripts)")] = False,
+    local: Annotated[bool, typer.Option(
+        "--local", help="run in this process even when a served deployment could run it")]
+    = False,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="through a deployment: wait for the run to finish")] = True,
     workers: Annotated[int | None, typer.Option(
         help="local Dask workers (default: orchestration.workers, else one per core)",
         min=1)] = None,
@@ -222,10 +233,12 @@ def run(
 ) -> None:
     """Run an experiment's trials: skip done stages, run the rest, show what happened.
 
-    Exit code 0 when every selected stage is done, 1 when any failed."""
-    from cruijff.runner import archive_stages, load_experiment, pending, run_lock, select
-    from cruijff.settings import CruijffSettings
+    Runs through the served experiment deployment when there is one (see `cruijff serve`),
+    else in this process. Exit code 0 when every selected stage is done, 1 when any failed."""
+    from cruijff.runner import load_experiment, pending, select, unfinished_trials, unlocked
 
+    if executor not in (None, "local", "slurm"):
+        raise CruijffError(f"--executor must be local or slurm, not {executor!r}")
     if experiment is None:
         if config_path is None or task is None:
             raise CruijffError("give an experiment folder, or --config-path and --task to build "
@@ -244,25 +257,37 @@ def run(
         raise CruijffError("give either an experiment folder or build options, not both")
 
     exp = load_experiment(experiment)
+    if not unlocked(exp):
+        raise CruijffError(f"experiment {exp.name} is already being run: wait for it to finish "
+                           "or stop it first")
+    if failed:
+        if trials is not None:
+            raise CruijffError("--failed picks the trials itself: drop --trials")
+        trials = ",".join(t.id for t in unfinished_trials(exp)) or None
+        if trials is None:
+            out.print(f"Experiment {exp.name} has no failed trials.")
+            return
     selection = select(exp, trials, stage)
     if not selection:
         raise CruijffError(f"nothing selected: no trial of {exp.name} has stage {stage!r}")
-    with run_lock(exp):
-        if force:
-            archive = archive_stages(exp, selection)
-            out.print(f"Moved previous outputs of the selected stages to {archive}", markup=False)
-        if not pending(selection):
-            table, rows, _ = _results(selection)
-            if as_json:
-                print(json.dumps({"experiment": exp.name, "ran": False, "trials": rows}))
-            else:
-                out.print(table)
-                out.print(f"Experiment {exp.name} is already complete: nothing to run "
-                          "(--force re-runs).", markup=False)
-            return
-        ok = _run_flow(exp, selection, stage=stage, trials=trials, quiet=quiet or as_json,
-                       workers=workers or exp.orchestration.workers,
-                       home=CruijffSettings().home)
+    executor = executor or exp.orchestration.executor
+    if dry_run:
+        _dry_run(exp, selection, executor, force)
+        return
+    if not force and not pending(selection):
+        table, rows, _ = _results(selection)
+        if as_json:
+            print(json.dumps({"experiment": exp.name, "ran": False, "trials": rows}))
+        else:
+            out.print(table)
+            out.print(f"Experiment {exp.name} is already complete: nothing to run "
+                      "(--force re-runs).", markup=False)
+        return
+    parameters = {"experiment": str(exp.path), "stage": stage, "trials": trials,
+                  "workers": workers, "executor": executor, "force": force}
+    ok = _run_flow(exp, selection, parameters, local=local, wait=wait, quiet=quiet or as_json)
+    if ok is None:  # triggered without waiting
+        return
     table, rows, all_done = _results(selection)
     if as_json:
         print(json.dumps({"experiment": exp.name, "ran": True, "trials": rows}))
@@ -272,29 +297,106 @@ def run(
         raise typer.Exit(1)
 
 
-def _run_flow(exp: Experiment, selection: Selection, *, stage: str | None,
-              trials: str | None, quiet: bool, workers: int | None, home: Path) -> bool:
-    """Start (or find) the Prefect server, then run the experiment flow in this process."""
+def _dry_run(exp: Experiment, selection: Selection, executor: str, force: bool) -> None:
+    from cruijff.runner import pending
+
+    todo = [(t, s) for t, stages in selection for s in stages] if force else pending(selection)
+    out.print(f"Would run {len(todo)} stage(s) of {exp.name} on {executor}: "
+              + ", ".join(f"{t.id}/{s}" for t, s in todo), markup=False)
+    if executor == "slurm":
+        from flows.clusters import job_scripts
+
+        for profile, script in job_scripts(exp, [t for t, _ in selection]).items():
+            out.rule(f"worker job script: {profile}")
+            out.print(script, markup=False, highlight=False)
+
+
+def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local: bool,
+              wait: bool, quiet: bool) -> bool | None:
+    """Start (or find) the Prefect server; trigger the served deployment, or run the flow
+    here. True/False: every selected stage succeeded or not; None: triggered, not awaited."""
     from rich.live import Live
+
+    from cruijff.settings import CruijffSettings
 
     for handler in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):
         os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{handler}_LEVEL", "WARNING")
     from flows.server import ensure_api
 
     with err.status("Starting the Prefect server ..."):
-        info = ensure_api(home)
+        info = ensure_api(CruijffSettings().home)
     err.print(f"Prefect UI: {info.ui_url}  (runs tagged exp:{exp.name})", markup=False)
+    from deployments.serve import served_experiment_deployment, trigger, wait_for
     from flows.experiment import run_experiment
 
-    def board() -> Table:
-        return _results(selection)[0]
-
+    deployment = None if local else served_experiment_deployment()
+    if deployment is not None:
+        flow_run = trigger(deployment, parameters, exp.name)
+        err.print(f"Triggered deployment run {flow_run}: {info.ui_url}/runs/flow-run/{flow_run}",
+                  markup=False)
+        if not wait:
+            out.print(str(flow_run))
+            return None
+        work = lambda: wait_for(flow_run)  # noqa: E731
+    else:
+        work = lambda: run_experiment(**parameters)  # noqa: E731
     if quiet:
-        return run_experiment(exp.path, stage=stage, trials=trials, workers=workers,
-                              retries=exp.orchestration.retries)
-    with Live(get_renderable=board, console=err, refresh_per_second=1, transient=True):
-        return run_experiment(exp.path, stage=stage, trials=trials, workers=workers,
-                              retries=exp.orchestration.retries)
+        return work()
+    with Live(get_renderable=lambda: _results(selection)[0], console=err,
+              refresh_per_second=1, transient=True):
+        return work()
+
+
+@app.command()
+def serve() -> None:
+    """Serve the experiment and re-run deployments from this process (until Ctrl-C), so
+    `cruijff run` and scheduled re-runs go through Prefect deployments."""
+    from cruijff.settings import CruijffSettings
+    from flows.server import ensure_api
+
+    info = ensure_api(CruijffSettings().home)
+    err.print(f"Serving cruijff deployments on {info.ui_url} (Ctrl-C stops)", markup=False)
+    from deployments.serve import serve as serve_deployments
+
+    serve_deployments()
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="a Prefect process work pool (created if missing)",
+                                      metavar="NAME")],
+) -> None:
+    """Register the deployments on a work pool; run `prefect worker start --pool NAME` on the
+    machine that should execute them (e.g. an HPC login or service node)."""
+    from cruijff.settings import CruijffSettings
+    from flows.server import ensure_api
+
+    info = ensure_api(CruijffSettings().home)
+    from deployments.serve import deploy as deploy_deployments
+
+    ids = deploy_deployments(pool)
+    out.print(f"Registered {len(ids)} deployments on pool {pool!r} at {info.url}. Start a "
+              f"worker where experiments should run: prefect worker start --pool {pool}",
+              markup=False)
+
+
+@app.command("schedule-reruns")
+def schedule_reruns(
+    experiment: Annotated[Path, typer.Argument(help="the experiment folder")],
+    cron: Annotated[str | None, typer.Option(
+        help="when to re-run failed trials, e.g. '*/30 * * * *'", metavar="CRON")] = None,
+    off: Annotated[bool, typer.Option("--off", help="remove the schedule")] = False,
+) -> None:
+    """Re-run an experiment's failed trials on a schedule (only their unfinished stages)."""
+    if (cron is None) == (not off):
+        raise CruijffError("give --cron EXPRESSION, or --off to remove the schedule")
+    from cruijff.settings import CruijffSettings
+    from flows.server import ensure_api
+
+    ensure_api(CruijffSettings().home)
+    from deployments.serve import schedule_reruns as apply
+
+    out.print(apply(str(experiment), None if off else cron), markup=False)
 
 
 @server_app.command("start")

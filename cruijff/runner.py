@@ -29,6 +29,7 @@ from cruijff.settings import OrchestrationConfig
 from cruijff.stages import STAGES, StageFailed
 from cruijff.state import (
     RECORDS,
+    STAGE_ENVIRONMENT,
     StageRecord,
     digest,
     file_digest,
@@ -36,7 +37,7 @@ from cruijff.state import (
     now,
     read_record,
     record_path,
-    where_local,
+    where_now,
     write_record,
 )
 
@@ -175,19 +176,24 @@ def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
-def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = None,
-                  where: str | None = None) -> StageRecord:
+def execute_stage(trial: Trial, stage: str, key: str, *,
+                  threads: int | None = None) -> StageRecord:
     """Run one stage's command, verify its outputs, and record the outcome atomically."""
     previous = read_record(trial.dir, stage)
-    attempts = previous.attempts + 1 if previous and previous.key == key else 1
+    retry = previous is not None and previous.key == key
+    attempts = previous.attempts + 1 if retry else 1
+    history = [*previous.history, {"attempt": previous.attempts, "status": previous.status,
+                                   "where": previous.where, "error": previous.error}
+               ] if retry else []
     log = trial.dir / "logs" / f"{stage}-attempt{attempts}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    record = StageRecord(stage, key, "running", attempts, log=str(log.relative_to(trial.dir)),
-                         where=where or where_local())
-    write_record(trial.dir, record)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    record = StageRecord(stage, key, "running", attempts, log=str(log.relative_to(trial.dir)),
+                         where=where_now(), history=history,
+                         environment={k: env[k] for k in STAGE_ENVIRONMENT if k in env})
+    write_record(trial.dir, record)
     start = time.monotonic()
     with log.open("w", encoding="utf-8") as out:
         proc = subprocess.run(trial.commands[stage], cwd=trial.dir, stdout=out,
@@ -289,6 +295,23 @@ def run_lock(experiment: Experiment) -> Iterator[None]:
             handle.seek(0)
             handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def unlocked(experiment: Experiment) -> bool:
+    """No `cruijff run` holds this experiment now (a quick check before starting one)."""
+    try:
+        with run_lock(experiment):
+            return True
+    except CruijffError:
+        return False
+
+
+def unfinished_trials(experiment: Experiment) -> list[Trial]:
+    """Trials with a failed stage, or one left 'running' by a run that is gone (call only
+    while no run holds the experiment): what a re-run of failed trials picks up."""
+    return [t for t in experiment.trials
+            if any((r := read_record(t.dir, s)) is not None and r.status in ("failed", "running")
+                   for s in t.stages)]
 
 
 def pending(selection: list[tuple[Trial, list[str]]]) -> list[tuple[Trial, str]]:

@@ -107,6 +107,9 @@ class OrchestrationConfig(BaseModel):
         None, description="local: Dask worker processes (default: one per CPU core)"
     )
     retries: NonNegativeInt = Field(1, description="retries of a failed stage")
+    max_jobs: PositiveInt = Field(
+        4, description="slurm: at most this many worker jobs per resource profile at once"
+    )
 
 
 class ExperimentConfig(BaseSettings):

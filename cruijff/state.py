@@ -41,6 +41,10 @@ class StageRecord:
     """Where it ran: 'local:<host>:<pid>' or 'slurm:<job id>'."""
     reused_from: str | None = None
     """For a shared stage: the trial whose execution this one reuses."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """What the stage ran with: Slurm job id, GPUs, memory, threads (see STAGE_ENVIRONMENT)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Earlier attempts with the same key: attempt, status, where, error."""
 
     @property
     def is_done(self) -> bool:
@@ -100,5 +104,12 @@ def digest(material: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def where_local() -> str:
-    return f"local:{os.uname().nodename}:{os.getpid()}"
+STAGE_ENVIRONMENT = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURMD_NODENAME", "SLURM_MEM_PER_NODE",
+                     "SLURM_CPUS_PER_TASK", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES",
+                     "OMP_NUM_THREADS")
+
+
+def where_now() -> str:
+    """'slurm:<job id>' inside a Slurm job, else 'local:<host>:<pid>'."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm:{job}" if job else f"local:{os.uname().nodename}:{os.getpid()}"

@@ -7,14 +7,12 @@ Prefect runs (history, retries, tags, the UI) and Dask workers (where the stage 
 from __future__ import annotations
 
 import contextvars
-import logging
 import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from distributed import LocalCluster
 from prefect import flow, tags, task
 from prefect_dask import DaskTaskRunner
 
@@ -22,15 +20,18 @@ from cruijff.runner import (
     SHARED_STAGES,
     Experiment,
     Trial,
+    archive_stages,
     execute_stage,
     is_done,
     link_shared,
     load_experiment,
+    run_lock,
     select,
     stage_key,
     summarize,
 )
 from cruijff.state import read_record
+from flows.clusters import clusters
 
 
 class StageFailedError(RuntimeError):
@@ -123,41 +124,47 @@ trial_flow = flow(name="cruijff-trial")(_trial)
 
 
 def _experiment(experiment: str, stage: str | None = None, trials: str | None = None,
-                    workers: int | None = None, retries: int = 1) -> dict[str, str]:
-    """All selected trials as concurrent subflows, their stages on a Dask LocalCluster."""
+                workers: int | None = None, retries: int | None = None,
+                executor: str | None = None, force: bool = False) -> dict[str, str]:
+    """All selected trials as concurrent subflows, their stages on Dask workers: threads of
+    a LocalCluster, or Slurm jobs of one SLURMCluster per resource profile."""
     exp = load_experiment(Path(experiment))
     selection = select(exp, trials, stage)
+    settings = exp.orchestration
+    executor = executor or settings.executor
+    retries = settings.retries if retries is None else retries
     cores = os.cpu_count() or 1
-    workers = min(workers or cores, max(1, len(selection)))
-    threads = max(1, cores // workers)
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # workers inherit it
+    workers = min(workers or settings.workers or cores, max(1, len(selection)))
+    threads = max(1, cores // workers) if executor == "local" else 0
     run_id = uuid.uuid4().hex
-    _RUNS[run_id] = _SharedStages(selection)
     states: dict[str, str] = {}
-    try:
-        # Workers are threads of this process: a stage is a subprocess anyway, and threads
-        # start in milliseconds where worker processes take seconds to import Prefect.
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
-                          dashboard_address=":0", silence_logs=logging.ERROR) as cluster:
+    with run_lock(exp), tags("cruijff", f"exp:{exp.name}"):
+        if force:
+            archive_stages(exp, selection)
+        _RUNS[run_id] = _SharedStages(selection)
+        try:
+            with clusters(exp, [t for t, _ in selection], executor=executor, workers=workers,
+                          max_jobs=settings.max_jobs) as addresses:
 
-            def run_trial(trial: Trial, stages: list[str]) -> str:
-                with tags(f"trial:{trial.id}"):
-                    subflow = trial_flow.with_options(
-                        flow_run_name=f"{exp.name}/trial-{trial.id}",
-                        task_runner=DaskTaskRunner(address=cluster.scheduler_address),
-                    )
-                    state = subflow(experiment, trial.id, stages, run_id, threads, retries,
-                                    return_state=True)
-                    return state.type.value
+                def run_trial(trial: Trial, stages: list[str]) -> str:
+                    with tags(f"trial:{trial.id}"):
+                        subflow = trial_flow.with_options(
+                            flow_run_name=f"{exp.name}/trial-{trial.id}",
+                            task_runner=DaskTaskRunner(address=addresses[trial.id]),
+                        )
+                        state = subflow(experiment, trial.id, stages, run_id, threads, retries,
+                                        return_state=True)
+                        return state.type.value
 
-            with ThreadPoolExecutor(max_workers=len(selection) or 1) as pool:
-                futures = {
-                    trial.id: pool.submit(contextvars.copy_context().run, run_trial, trial, stages)
-                    for trial, stages in selection
-                }
-                states = {trial_id: f.result() for trial_id, f in futures.items()}
-    finally:
-        _RUNS.pop(run_id, None)
+                with ThreadPoolExecutor(max_workers=len(selection) or 1) as pool:
+                    futures = {
+                        trial.id: pool.submit(contextvars.copy_context().run, run_trial, trial,
+                                              stages)
+                        for trial, stages in selection
+                    }
+                    states = {trial_id: f.result() for trial_id, f in futures.items()}
+        finally:
+            _RUNS.pop(run_id, None)
     failed = [t for t, s in states.items() if s != "COMPLETED"]
     if failed:
         raise StageFailedError(f"trials failed: {', '.join(failed)}")
@@ -168,11 +175,12 @@ experiment_flow = flow(name="cruijff-experiment")(_experiment)
 
 
 def run_experiment(experiment: Path, *, stage: str | None = None, trials: str | None = None,
-                   workers: int | None = None, retries: int = 1) -> bool:
+                   workers: int | None = None, executor: str | None = None,
+                   force: bool = False) -> bool:
     """Run the experiment flow in this process; True if every selected stage succeeded."""
     name = load_experiment(experiment).name
     with tags("cruijff", f"exp:{name}"):
         state = experiment_flow.with_options(flow_run_name=name)(
-            str(experiment), stage, trials, workers, retries, return_state=True
+            str(experiment), stage, trials, workers, None, executor, force, return_state=True
         )
     return state.is_completed()

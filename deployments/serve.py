@@ -1,0 +1,151 @@
+"""Deployments of cruijff's flows: served by `cruijff serve` (laptops, CI, a login node), or
+registered on a process work pool by `cruijff deploy` (an HPC service node runs
+`prefect worker start --pool NAME`). `cruijff run` triggers the experiment deployment when it
+is ready, and `cruijff schedule-reruns` puts a cron schedule on the re-run deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from uuid import UUID
+
+from prefect import flow, tags
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import DeploymentStatus, State
+from prefect.client.schemas.responses import DeploymentResponse
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments import run_deployment
+from prefect.flows import EntrypointType
+
+from cruijff.errors import CruijffError
+from cruijff.runner import load_experiment, unfinished_trials, unlocked
+from flows.experiment import experiment_flow
+
+EXPERIMENT_DEPLOYMENT = "cruijff-experiment/run"
+RERUN_DEPLOYMENT = "cruijff-rerun/rerun-failed"
+
+
+def _rerun(experiment: str) -> str:
+    """Run an experiment's failed trials again: only their unfinished stages run."""
+    exp = load_experiment(experiment)
+    if not unlocked(exp):
+        return f"{exp.name} is being run now; nothing to re-run"
+    failed = [t.id for t in unfinished_trials(exp)]
+    if not failed:
+        return f"{exp.name} has no failed trials"
+    with tags("cruijff", f"exp:{exp.name}"):
+        experiment_flow.with_options(flow_run_name=f"{exp.name}/rerun")(
+            experiment, None, ",".join(failed))
+    return f"re-ran trials {', '.join(failed)} of {exp.name}"
+
+
+rerun_flow = flow(name="cruijff-rerun")(_rerun)
+
+
+def _deployments(work_pool: str | None = None) -> list:
+    kinds = {"work_pool_name": work_pool, "entrypoint_type": EntrypointType.MODULE_PATH} \
+        if work_pool else {}
+    return [
+        experiment_flow.to_deployment(name=EXPERIMENT_DEPLOYMENT.split("/")[1],
+                                      tags=["cruijff"], **kinds),
+        rerun_flow.to_deployment(name=RERUN_DEPLOYMENT.split("/")[1], tags=["cruijff"],
+                                 **kinds),
+    ]
+
+
+def serve() -> None:
+    """Serve both deployments from this process until interrupted (polls every second)."""
+    from prefect import serve as prefect_serve
+
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+    prefect_serve(*_deployments(), print_starting_message=False)
+
+
+def deploy(work_pool: str) -> list[UUID]:
+    """Register both deployments on a process work pool (created if missing)."""
+    from prefect import deploy as prefect_deploy
+
+    async def ensure_pool() -> None:
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.exceptions import ObjectNotFound
+
+        async with get_client() as client:
+            try:
+                await client.read_work_pool(work_pool)
+            except ObjectNotFound:
+                await client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
+
+    asyncio.run(ensure_pool())
+    return list(prefect_deploy(*_deployments(work_pool), work_pool_name=work_pool,
+                               build=False, push=False, print_next_steps_message=False))
+
+
+async def _deployment(name: str) -> DeploymentResponse | None:
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            return await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+
+
+def served_experiment_deployment() -> UUID | None:
+    """The experiment deployment's id if something is polling for its runs right now."""
+    deployment = asyncio.run(_deployment(EXPERIMENT_DEPLOYMENT))
+    if deployment is None or deployment.status != DeploymentStatus.READY:
+        return None
+    return deployment.id
+
+
+def trigger(deployment: UUID, parameters: dict, experiment_name: str) -> UUID:
+    flow_run = run_deployment(deployment, parameters=parameters, timeout=0,
+                              tags=["cruijff", f"exp:{experiment_name}"],
+                              flow_run_name=experiment_name)
+    return flow_run.id
+
+
+def wait_for(flow_run_id: UUID, poll: float = 1.0) -> bool:
+    """Wait for a triggered run to end; True if it completed."""
+    async def state() -> State | None:
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run_id)).state
+
+    while True:
+        current = asyncio.run(state())
+        if current is not None and current.is_final():
+            return current.is_completed()
+        time.sleep(poll)
+
+
+def schedule_reruns(experiment: str, cron: str | None) -> str:
+    """Put (or, with cron None, remove) a cron schedule re-running this experiment's failed
+    trials on the re-run deployment, which must be served or deployed."""
+    exp = load_experiment(experiment)
+    slug = f"rerun-{exp.name}"[:100]
+
+    async def apply() -> str:
+        async with get_client() as client:
+            try:
+                deployment = await client.read_deployment_by_name(RERUN_DEPLOYMENT)
+            except Exception:
+                raise CruijffError("no re-run deployment: start `cruijff serve` (or "
+                                   "`cruijff deploy --pool NAME`) first") from None
+            for schedule in deployment.schedules:
+                if schedule.slug == slug:
+                    await client.delete_deployment_schedule(deployment.id, schedule.id)
+            if cron is None:
+                return f"Removed the re-run schedule of {exp.name}."
+            try:
+                schedule = CronSchedule(cron=cron)
+            except ValueError as exc:
+                raise CruijffError(f"--cron {cron!r} is not a cron expression: "
+                                   f"{str(exc).splitlines()[-1]}") from None
+            await client.create_deployment_schedules(
+                deployment.id, [(schedule, True)], parameters={"experiment": str(exp.path)},
+                slug=slug)
+            return f"Failed trials of {exp.name} will re-run on '{cron}'."
+
+    return asyncio.run(apply())
