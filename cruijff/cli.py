@@ -411,7 +411,9 @@ def server_start(
     from flows.server import start_server
 
     with err.status("Starting the Prefect server ..."):
-        info = start_server(CruijffSettings().home, database_url=database_url, port=port)
+        settings = CruijffSettings()
+        info = start_server(settings.home, database_url=database_url
+                            or settings.server_database_url, port=port)
     out.print(f"Prefect server running: UI {info.ui_url}, API {info.url} (pid {info.pid}, "
               f"database {info.database})", markup=False)
 

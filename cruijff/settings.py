@@ -231,6 +231,13 @@ class CruijffSettings(BaseSettings):
 
     home: Path = Field(Path("~/.cruijff"), description="cruijff's own state (server DB, caches)")
     offline: bool = Field(False, description="never download models (also HF_HUB_OFFLINE=1)")
+    server_database_url: str | None = Field(
+        None,
+        description="the database of the managed Prefect server, e.g. a PostgreSQL URL "
+        "(postgresql+asyncpg://user:password@host:5432/db) instead of SQLite under the home; "
+        "never written to any file",
+        repr=False,  # it may hold a password
+    )
 
     @property
     def is_offline(self) -> bool:

@@ -135,16 +135,21 @@ def stop_server(home: Path, timeout: float = 30) -> bool:
         return stopped
 
 
-def ensure_api(home: Path) -> ServerInfo:
+def ensure_api(home: Path, *, database_url: str | None = None) -> ServerInfo:
     """Make sure flows run against a real Prefect server (never the ephemeral one).
 
     If ``PREFECT_API_URL`` is set in the environment or in the active Prefect settings
     (profile, prefect.toml), check that it answers and use it. Otherwise start (or reuse) the
-    managed server. Either way ``os.environ["PREFECT_API_URL"]`` is set (and ephemeral mode
-    switched off), so this process and its children (Dask worker processes created afterwards)
-    use the same server. Prefect's settings are refreshed if prefect is already imported.
+    managed server, on ``database_url`` (default: the ``server_database_url`` setting,
+    ``CRUIJFF_SERVER_DATABASE_URL``; SQLite under the home when unset). Either way
+    ``os.environ["PREFECT_API_URL"]`` is set (and ephemeral mode switched off), so this process
+    and its children (Dask worker processes created afterwards) use the same server. Prefect's
+    settings are refreshed if prefect is already imported.
     """
+    from cruijff.settings import CruijffSettings
+
     sdir = _state_dir(home)
+    database_url = database_url or CruijffSettings().server_database_url or None
     url = os.environ.get("PREFECT_API_URL", "").strip()
     source = "PREFECT_API_URL in the environment"
     if not url:
@@ -155,8 +160,10 @@ def ensure_api(home: Path) -> ServerInfo:
             _EXPORTED is not None and _same_url(url, _EXPORTED)
         )
         if ours:
-            # Our own server, set by an earlier ensure_api here or in a parent process.
-            info = server_status(home) or start_server(home)
+            # Our own server, set by an earlier ensure_api here or in a parent process
+            # (start_server checks that it runs on the database asked for, if any).
+            info = server_status(home) if database_url is None else None
+            info = info or start_server(home, database_url=database_url)
         else:
             _check_external(url, source)
             info = ServerInfo(
@@ -167,7 +174,7 @@ def ensure_api(home: Path) -> ServerInfo:
                 managed=False,
             )
     else:
-        info = start_server(home)
+        info = start_server(home, database_url=database_url)
     _export_api_url(info.url)
     return info
 
