@@ -71,6 +71,7 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
     config = ExperimentConfig.load(request.config_path)
     task = load_task(config.tasks_dir, request.task)
     plan = expand(request.design, config)
+    _check_used(plan.trials, request.design.controls)
     name = validate_experiment_name(
         request.name or f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}"
     )
@@ -127,7 +128,6 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
     )
     resources = config.resources_for(model_key(trial.model))
     enabled = [stage for stage in STAGES.values() if stage.enabled(trial)]
-    _check_used(trial, [s.namespace for s in enabled])
     commands = {}
     for stage in enabled:
         resolved = stage.resolve(ctx)
@@ -155,15 +155,26 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
     return [s.name for s in enabled]
 
 
-def _check_used(trial: TrialSpec, namespaces: list[str]) -> None:
-    """A key for a stage this trial does not run would be silently ignored: refuse it."""
-    for key in trial.settings:
+def _check_used(trials: list[TrialSpec], controls: dict[str, Any]) -> None:
+    """A stage key that no trial it applies to uses would be silently ignored: refuse it.
+    A treatment's keys must be used by its own trials; a control's by at least one trial."""
+    namespaces = {stage.namespace for stage in STAGES.values()}
+
+    def runs(trial: TrialSpec, namespace: str) -> bool:
+        return any(s.namespace == namespace and s.enabled(trial) for s in STAGES.values())
+
+    for trial in trials:
+        for key in trial.treatment:
+            namespace = key.split(".", 1)[0]
+            if namespace in namespaces and not runs(trial, namespace):
+                raise CruijffError(
+                    f"treatment key '{key}' is set for trial {trial.id}, which does not run the "
+                    f"{namespace} stage (use_fine_tune/use_prompt_opt is off)")
+    for key in controls:
         namespace = key.split(".", 1)[0]
-        if namespace not in namespaces and namespace in {s.namespace for s in STAGES.values()}:
-            raise CruijffError(
-                f"key '{key}' is set for trial {trial.id}, which does not run the "
-                f"{namespace} stage (use_fine_tune/use_prompt_opt is off)"
-            )
+        if namespace in namespaces and not any(runs(t, namespace) for t in trials):
+            raise CruijffError(f"control key '{key}' applies to no trial: none runs the "
+                               f"{namespace} stage (use_fine_tune/use_prompt_opt is off)")
 
 
 def _write(root: Path, dest: Path, files: dict[str, str], force: bool) -> Path | None:

@@ -84,6 +84,23 @@ def _shared_donor(exp: Experiment, trial: Trial, stage: str, key: str,
     return None
 
 
+def _run_with_retries(experiment: str, trial: Trial, stage: str, key: str, threads: int,
+                      retries: int) -> bool:
+    """Submit the stage, and again after a failure, up to `retries` times. The retry loop
+    lives here, not in Prefect's task engine, because that engine runs on the worker: when a
+    worker is lost (a cancelled or timed-out Slurm job) its retries are lost with it."""
+    for attempt in range(1, retries + 2):
+        future = run_stage.with_options(
+            task_run_name=f"trial-{trial.id}-{stage}" + (f"-retry{attempt - 1}" if attempt > 1
+                                                         else ""),
+            tags=[f"stage:{stage}"],
+        ).submit(experiment, trial.id, stage, key, threads)
+        future.wait()
+        if future.state.is_completed():
+            return True
+    return False
+
+
 def _trial(experiment: str, trial_id: str, stages: list[str], run_id: str,
            threads: int = 1, retries: int = 1) -> dict[str, str]:
     """One trial's pipeline: each stage runs only if it is not done with its current key."""
@@ -103,15 +120,11 @@ def _trial(experiment: str, trial_id: str, stages: list[str], run_id: str,
                 outcome[stage] = "reused"
                 continue
         try:
-            future = run_stage.with_options(
-                task_run_name=f"trial-{trial.id}-{stage}", retries=retries,
-                tags=[f"stage:{stage}"],
-            ).submit(experiment, trial.id, stage, key, threads)
-            future.wait()
+            ok = _run_with_retries(experiment, trial, stage, key, threads, retries)
         finally:
             if shared.owners.get((stage, key)) == trial.id:
                 shared.finished[(stage, key)].set()
-        if not future.state.is_completed():
+        if not ok:
             outcome[stage] = "failed"
             break
         outcome[stage] = "done"

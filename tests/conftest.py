@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,3 +130,30 @@ def project(tmp_path, tiny_random_model) -> Project:
 def copy_tree(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, symlinks=False)
     return dest
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory):
+    """A managed Prefect server in a private cruijff home, and the environment to reach it."""
+    from flows.server import start_server, stop_server
+
+    home = tmp_path_factory.mktemp("cruijff-home")
+    info = start_server(home)
+    yield dict(os.environ, CRUIJFF_HOME=str(home), PREFECT_API_URL=info.url,
+               HF_DATASETS_CACHE=str(home / "hf-datasets"), OMP_NUM_THREADS="1")
+    stop_server(home)
+
+
+def cruijff(*args: object, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real `cruijff` command, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "cruijff", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def make_site(root: Path, model: Path, config: str = "") -> Path:
+    """A researcher's folder: config.yaml (plus `config`), the example tasks, the tiny model."""
+    (root / "config.yaml").write_text(
+        f"model_dir: models\ntasks_dir: {EXAMPLE / 'tasks'}\ndata_dir: data\n{config}")
+    (root / "models").mkdir()
+    (root / "models" / model.name).symlink_to(model)
+    return root

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cruijff, make_site
 
 from cruijff.state import read_record
 
@@ -28,33 +29,13 @@ FAST = ["--control", "torchtune.epochs=1", "--control", "torchtune.max_steps_per
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A managed Prefect server in a private cruijff home, and the environment to reach it."""
-    from flows.server import start_server, stop_server
-
-    home = tmp_path_factory.mktemp("cruijff-home")
-    info = start_server(home)
-    environment = dict(os.environ, CRUIJFF_HOME=str(home), PREFECT_API_URL=info.url,
-                       HF_DATASETS_CACHE=str(home / "hf-datasets"), OMP_NUM_THREADS="1")
-    yield environment
-    stop_server(home)
-
-
-def cruijff(*args: object, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cruijff", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def site(tmp_path_factory, tiny_random_model):
+    return make_site(tmp_path_factory.mktemp("site"), tiny_random_model)
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, tiny_random_model):
-    from conftest import EXAMPLE
-
-    root = tmp_path_factory.mktemp("site")
-    (root / "config.yaml").write_text(
-        f"model_dir: models\ntasks_dir: {EXAMPLE / 'tasks'}\ndata_dir: data\n")
-    (root / "models").mkdir()
-    (root / "models" / tiny_random_model.name).symlink_to(tiny_random_model)
-    return root
+def env(prefect_env):
+    return prefect_env
 
 
 @pytest.fixture(scope="module")
