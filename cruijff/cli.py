@@ -326,8 +326,7 @@ def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local:
     with err.status("Starting the Prefect server ..."):
         info = ensure_api(CruijffSettings().home)
     err.print(f"Prefect UI: {info.ui_url}  (runs tagged exp:{exp.name})", markup=False)
-    from deployments.serve import served_experiment_deployment, trigger, wait_for
-    from flows.experiment import run_experiment
+    from deployments.client import served_experiment_deployment, trigger, wait_for
 
     deployment = None if local else served_experiment_deployment()
     if deployment is not None:
@@ -339,6 +338,8 @@ def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local:
             return None
         work = lambda: wait_for(flow_run)  # noqa: E731
     else:
+        from flows.experiment import run_experiment
+
         work = lambda: run_experiment(**parameters)  # noqa: E731
     if quiet:
         return work()

@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from uuid import UUID
 
 from prefect import flow, tags
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import DeploymentStatus, State
-from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
-from prefect.deployments import run_deployment
 from prefect.flows import EntrypointType
 
 from cruijff.errors import CruijffError
 from cruijff.runner import load_experiment, unfinished_trials, unlocked
+from deployments.client import EXPERIMENT_DEPLOYMENT, RERUN_DEPLOYMENT
 from flows.experiment import experiment_flow
-
-EXPERIMENT_DEPLOYMENT = "cruijff-experiment/run"
-RERUN_DEPLOYMENT = "cruijff-rerun/rerun-failed"
 
 
 def _rerun(experiment: str) -> str:
@@ -80,44 +74,6 @@ def deploy(work_pool: str) -> list[UUID]:
     asyncio.run(ensure_pool())
     return list(prefect_deploy(*_deployments(work_pool), work_pool_name=work_pool,
                                build=False, push=False, print_next_steps_message=False))
-
-
-async def _deployment(name: str) -> DeploymentResponse | None:
-    from prefect.exceptions import ObjectNotFound
-
-    async with get_client() as client:
-        try:
-            return await client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            return None
-
-
-def served_experiment_deployment() -> UUID | None:
-    """The experiment deployment's id if something is polling for its runs right now."""
-    deployment = asyncio.run(_deployment(EXPERIMENT_DEPLOYMENT))
-    if deployment is None or deployment.status != DeploymentStatus.READY:
-        return None
-    return deployment.id
-
-
-def trigger(deployment: UUID, parameters: dict, experiment_name: str) -> UUID:
-    flow_run = run_deployment(deployment, parameters=parameters, timeout=0,
-                              tags=["cruijff", f"exp:{experiment_name}"],
-                              flow_run_name=experiment_name)
-    return flow_run.id
-
-
-def wait_for(flow_run_id: UUID, poll: float = 1.0) -> bool:
-    """Wait for a triggered run to end; True if it completed."""
-    async def state() -> State | None:
-        async with get_client() as client:
-            return (await client.read_flow_run(flow_run_id)).state
-
-    while True:
-        current = asyncio.run(state())
-        if current is not None and current.is_final():
-            return current.is_completed()
-        time.sleep(poll)
 
 
 def schedule_reruns(experiment: str, cron: str | None) -> str:

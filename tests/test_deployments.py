@@ -1,0 +1,147 @@
+"""Deployments: `cruijff serve` runs what `cruijff run` triggers; failed trials are re-run by
+the re-run deployment (scheduled with `cruijff schedule-reruns`), completed stages are not."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from uuid import UUID
+
+import pytest
+from conftest import EXAMPLE, cruijff, make_site
+
+from cruijff.state import read_record
+
+pytestmark = pytest.mark.slow
+TINY = "cruijff/tiny-llama-random"
+FAULTY_EVAL = '''
+
+@task
+def flaky(data_path: str, data_ext: str = "json", split: str = "test", fault_file: str = ""):
+    """The capitalization task, failing while `fault_file` exists (an injected fault)."""
+    if fault_file and Path(fault_file).exists():
+        raise RuntimeError("injected fault")
+    return capitalization(data_path, data_ext, split)
+'''
+
+
+@pytest.fixture(scope="module")
+def served(prefect_env):
+    """`cruijff serve` in the background, until the experiment deployment is ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "cruijff", "serve"], env=prefect_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = subprocess.run([sys.executable, "-c", "from deployments.client import "
+                                "served_experiment_deployment as s; print(s() or '')"],
+                               env=prefect_env, capture_output=True, text=True)
+        if found.stdout.strip():
+            break
+        assert proc.poll() is None, "cruijff serve exited"
+        time.sleep(1)
+    else:
+        pytest.fail("the experiment deployment never became ready")
+    yield UUID(found.stdout.strip())
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, tiny_random_model):
+    root = make_site(tmp_path_factory.mktemp("deploy"), tiny_random_model)
+    tasks = root / "tasks"
+    shutil.copytree(EXAMPLE / "tasks", tasks)
+    (root / "config.yaml").write_text((root / "config.yaml").read_text().replace(
+        f"tasks_dir: {EXAMPLE / 'tasks'}", f"tasks_dir: {tasks}")
+        + "orchestration: {retries: 0}\n")
+    shutil.copytree(tasks / "capitalization", tasks / "flaky")
+    source = (tasks / "flaky" / "eval.py").read_text().replace("@task\ndef capitalization",
+                                                               "def capitalization")
+    (tasks / "flaky" / "eval.py").write_text(source + FAULTY_EVAL)
+    return root
+
+
+def flow_run(env: dict, run_id: str):
+    from prefect.client.orchestration import PrefectClient
+
+    async def read():
+        async with PrefectClient(api=env["PREFECT_API_URL"]) as client:
+            return await client.read_flow_run(UUID(run_id))
+
+    return asyncio.run(read())
+
+
+def build(site, env, name: str, *extra: str) -> None:
+    result = cruijff("build", "--config-path", site / "config.yaml", "--root", site, "--name",
+                     name, "--task", "flaky", "--dataset", "words_5L_80_1000.json", "--model",
+                     TINY, "--control", "use_fine_tune=false", "--control", "eval.limit=2",
+                     *extra, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_run_goes_through_the_served_deployment(served, site, prefect_env):
+    build(site, prefect_env, "viaserve", "--treatment", "eval.limit=1")
+    result = cruijff("run", site / "viaserve", env=prefect_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Triggered deployment run" in result.stderr
+    run_id = result.stderr.split("Triggered deployment run ")[1].split(":")[0]
+    assert flow_run(prefect_env, run_id).deployment_id == served
+    assert read_record(site / "viaserve" / "trial-b", "eval").status == "done"
+
+
+def test_no_wait_returns_at_once_with_the_flow_run_id(served, site, prefect_env):
+    build(site, prefect_env, "nowait")
+    start = time.monotonic()
+    result = cruijff("run", "--no-wait", site / "nowait", env=prefect_env)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 3, f"--no-wait took {elapsed:.1f} s"
+    run_id = result.stdout.strip()
+    deadline = time.monotonic() + 180
+    while not (state := flow_run(prefect_env, run_id).state).is_final():
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    assert state.is_completed()
+
+
+def test_failed_trials_are_rerun_by_the_rerun_deployment(served, site, prefect_env, tmp_path):
+    fault = tmp_path / "FAULT"
+    fault.write_text("on")
+    build(site, prefect_env, "rerun", "--treatment", f"eval.fault_file={fault}")
+    first = cruijff("run", "--local", site / "rerun", env=prefect_env)
+    assert first.returncode == 1
+    assert read_record(site / "rerun" / "trial-b", "eval").status == "failed"
+    done_before = sorted((site / "rerun").glob("trial-a/logs/*-attempt*.log"))
+
+    scheduled = cruijff("schedule-reruns", site / "rerun", "--cron", "*/5 * * * *",
+                        env=prefect_env)
+    assert scheduled.returncode == 0, scheduled.stderr
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.deployments import run_deployment
+
+    async def schedules():
+        async with PrefectClient(api=prefect_env["PREFECT_API_URL"]) as client:
+            deployment = await client.read_deployment_by_name("cruijff-rerun/rerun-failed")
+            return [(s.schedule.cron, s.parameters) for s in deployment.schedules]
+
+    assert ("*/5 * * * *", {"experiment": str(site / "rerun")}) in asyncio.run(schedules())
+
+    fault.unlink()  # the fault is fixed; the scheduled run is triggered now instead of waiting
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}):
+        run = run_deployment("cruijff-rerun/rerun-failed",
+                             parameters={"experiment": str(site / "rerun")}, timeout=240)
+    assert run.state.is_completed(), run.state
+    record = read_record(site / "rerun" / "trial-b", "eval")
+    assert record.status == "done" and record.attempts == 2
+    assert sorted((site / "rerun").glob("trial-a/logs/*-attempt*.log")) == done_before
+    again = cruijff("run", site / "rerun", "--local", env=prefect_env)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+    off = cruijff("schedule-reruns", site / "rerun", "--off", env=prefect_env)
+    assert off.returncode == 0 and asyncio.run(schedules()) == []
