@@ -19,8 +19,11 @@ from cruijff import __version__
 from cruijff.errors import CruijffError
 
 if TYPE_CHECKING:  # the CLI imports the core lazily, so `--help` stays fast
+    from rich.console import Group
+
     from cruijff.experiment import BuildRequest, Built
     from cruijff.runner import Experiment, Trial
+    from cruijff.summary import Summary
 
 Selection = list[tuple["Trial", list[str]]]
 
@@ -346,6 +349,143 @@ def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local:
     with Live(get_renderable=lambda: _results(selection)[0], console=err,
               refresh_per_second=1, transient=True):
         return work()
+
+
+SUMMARY_STYLE = {**STATUS_STYLE, "interrupted": "red", "blocked": "dim"}
+
+
+@app.command()
+def summary(
+    experiment: Annotated[Path, typer.Argument(help="the experiment folder")],
+    trials: Annotated[str | None, typer.Option(help="only these trials, e.g. a,b",
+                                               metavar="IDS")] = None,
+    stage: Annotated[str | None, typer.Option(help="only this stage", metavar="STAGE")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Did the pipeline run smoothly? Each trial and stage: state, attempts, time, where it
+    ran (Slurm job and state), and the last lines of any error.
+
+    Exit code 0 when every selected stage is done, 1 otherwise."""
+    from cruijff.runner import load_experiment, select
+    from cruijff.settings import CruijffSettings
+    from cruijff.summary import summarize
+
+    exp = load_experiment(experiment)
+    result = summarize(exp, select(exp, trials, stage))
+    from flows.status import prefect_view
+
+    flow_states, notice = prefect_view(CruijffSettings().home, exp.name,
+                                       repair=not result.running)
+    if notice:
+        result.notices.append(notice)
+    for trial in result.trials:
+        trial.prefect = flow_states.get(f"{exp.name}/trial-{trial.id}")
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_summary(result, flow_states.get(exp.name))
+    if not result.complete:
+        raise typer.Exit(1)
+
+
+def _print_summary(result: Summary, last_run: str | None) -> None:
+    stages = list(dict.fromkeys(s for t in result.trials for s in t.stages))
+    table = Table(title=f"{result.experiment}: {'running' if result.running else 'not running'}"
+                  + (f", last run {last_run}" if last_run else ""))
+    table.add_column("trial")
+    table.add_column("treatment", overflow="fold")
+    for stage in stages:
+        table.add_column(stage, overflow="fold")
+    table.add_column("prefect")
+    failures = []
+    for trial in result.trials:
+        cells = []
+        for stage in stages:
+            status = trial.stages.get(stage)
+            if status is None:
+                cells.append("")
+                continue
+            text = f"[{SUMMARY_STYLE.get(status.state, '')}]{status.state}[/]"
+            if status.attempts > 1:
+                text += f" ×{status.attempts}"
+            if status.duration_s is not None:
+                text += f" {status.duration_s:.0f}s"
+            if status.slurm and status.state in ("done", "running"):
+                text += f"\nslurm job {status.slurm[-1].split(':')[0]}"  # worker job: ends
+            elif status.slurm:  # cancelled by cruijff when the work is done, so its state
+                text += "\nslurm " + ", ".join(status.slurm)  # matters only for failures
+            elif status.where:
+                text += f"\n{status.where.split(':')[0] if ':' in status.where else status.where}"
+            cells.append(text)
+            if status.error:
+                failures.append((trial.id, stage, status.error))
+        table.add_row(trial.id, trial.label, *cells, trial.prefect or "-")
+    out.print(table)
+    for trial_id, stage, error in failures:
+        out.print(f"[red]trial {trial_id} {stage} failed:[/]")
+        out.print("\n".join(f"  {line}" for line in error.splitlines()), markup=False)
+    for notice in result.notices:
+        out.print(f"note: {notice}", markup=False)
+
+
+@app.command()
+def progress(
+    experiment: Annotated[Path, typer.Argument(help="the experiment folder")],
+    watch: Annotated[bool, typer.Option(
+        "--watch/--no-watch", help="follow a running experiment until it ends")] = True,
+    interval: Annotated[float, typer.Option(help="seconds between updates", min=0.2)] = 1.0,
+) -> None:
+    """Watch an experiment run: stages done out of all, per trial, with elapsed time and an
+    estimate of the time left; on a finished experiment, its final state once."""
+    import time
+
+    from rich.live import Live
+
+    from cruijff.runner import load_experiment, select, unlocked
+
+    exp = load_experiment(experiment)
+    selection = select(exp)
+    start = time.monotonic()
+    if not watch or unlocked(exp):
+        out.print(_progress_view(exp, selection, None))
+        return
+    with Live(_progress_view(exp, selection, 0.0), console=out, refresh_per_second=4) as live:
+        while not unlocked(exp):
+            time.sleep(interval)
+            live.update(_progress_view(exp, selection, time.monotonic() - start))
+        live.update(_progress_view(exp, selection, time.monotonic() - start))
+
+
+def _progress_view(exp: Experiment, selection: Selection, elapsed: float | None) -> Group:
+    from rich.console import Group
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from cruijff.state import read_record
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[note]}"))
+    total_done, total, durations, running = 0, 0, [], 0
+    rows = []
+    for trial, stages in selection:
+        records = [read_record(trial.dir, s) for s in stages]
+        done = sum(1 for r in records if r is not None and r.is_done)
+        states = ", ".join(f"{s} {r.status if r else 'pending'}"
+                           for s, r in zip(stages, records, strict=True))
+        rows.append((f"trial {trial.id}", done, len(stages), states))
+        total_done, total = total_done + done, total + len(stages)
+        durations += [r.duration_s for r in records if r and r.is_done and r.duration_s]
+        running += sum(1 for r in records if r is not None and r.status == "running")
+    left = total - total_done
+    eta = ""
+    if elapsed is not None and durations and left:
+        lanes = max(1, running)
+        eta = f"about {sum(durations) / len(durations) * left / lanes:.0f}s left"
+    clock = f"{elapsed:.0f}s elapsed" if elapsed is not None else "finished" if not left else ""
+    bars.add_task(f"[bold]{exp.name}", total=total, completed=total_done,
+                  note=" · ".join(x for x in (clock, eta) if x))
+    for description, done, count, states in rows:
+        bars.add_task(description, total=count, completed=done, note=states)
+    return Group(bars)
 
 
 @app.command()

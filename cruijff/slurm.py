@@ -90,3 +90,26 @@ def render_script(
         "",
     ]
     return "\n".join(lines)
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """Slurm's word on jobs: queued/running ones from squeue, finished ones from sacct.
+    Jobs Slurm no longer knows (or no Slurm here) are simply absent."""
+    import shutil
+    import subprocess
+
+    ids = sorted({j for j in job_ids if j.isdigit()})
+    if not ids or shutil.which("squeue") is None:
+        return {}
+    states: dict[str, str] = {}
+    for command in (["sacct", "-c", "-n", "-X", "-P", "-j", ",".join(ids), "-o", "JobID,State"],
+                    ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T"]):
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in out.splitlines():
+            job, _, state = line.partition("|")
+            if job.strip() in ids and state.strip():
+                states[job.strip()] = state.split()[0]
+    return states

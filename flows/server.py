@@ -608,3 +608,12 @@ def _export_api_url(url: str) -> None:
     # Prefect reads its settings once at import; refresh them if it is already imported.
     if "prefect.context" in sys.modules:
         sys.modules["prefect.context"].refresh_global_settings_context()
+
+
+def running_api(home: Path) -> str | None:
+    """The API URL flows would use, if a server answers there now; starts nothing."""
+    url = os.environ.get("PREFECT_API_URL", "").strip() or _configured_api_url()[0]
+    if not url:
+        info = server_status(home)
+        return info.url if info else None
+    return url.rstrip("/") if _healthy(url) else None

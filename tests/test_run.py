@@ -222,3 +222,6 @@ def test_a_failing_stage_fails_its_trial_only_after_its_retry(site, env):
     assert bad.status == "failed" and bad.attempts == 2
     assert "has no split 'nope'" in bad.error
     assert (site / "failing" / "trial-b" / "logs" / "eval-attempt2.log").is_file()
+    summary = cruijff("summary", site / "failing", env=env)
+    assert summary.returncode == 1
+    assert "trial b eval failed" in summary.stdout and "has no split 'nope'" in summary.stdout

@@ -137,3 +137,11 @@ def test_exhausted_retries_fail_the_trial_not_the_others(slurm_site, prefect_env
     sacct = subprocess.run(["sacct", "-c", "-n", "-X", "-j", job, "-o", "State"],
                            capture_output=True, text=True)
     assert "CANCELLED" in sacct.stdout
+    summary = cruijff("summary", "--json", site / "exhausted", env=prefect_env)
+    assert summary.returncode == 1
+    import json
+
+    trial_a = json.loads(summary.stdout)["trials"][0]
+    assert trial_a["stages"]["finetune"]["state"] in ("failed", "interrupted")
+    assert f"{job}: CANCELLED" in trial_a["stages"]["finetune"]["slurm"]
+    assert trial_a["prefect"] == "Failed"

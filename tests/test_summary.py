@@ -1,0 +1,76 @@
+"""`cruijff summary` and `cruijff progress` read records on disk (and Prefect when it answers).
+Records are written here directly, as a run would leave them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cruijff.state import StageRecord, write_record
+
+TINY = "cruijff/tiny-llama-random"
+
+
+@pytest.fixture
+def experiment(cli, project, monkeypatch, tmp_path):
+    """Three built trials; a: done, b: fine-tune failed, c: never ran. No Prefect server."""
+    monkeypatch.setenv("CRUIJFF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens there
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--treatments", '{"finetune.model.lora_rank": [4, 8]}',
+                 "--name", "exp", cwd=project.experiments)
+    assert result.code == 0, result.err
+    exp = project.experiments / "exp"
+    write_record(exp / "trial-a", StageRecord("finetune", "k1", "done", duration_s=12.0,
+                                              where="local:host:1"))
+    write_record(exp / "trial-a", StageRecord("eval", "k2", "done", duration_s=8.0,
+                                              where="local:host:1", metrics={"accuracy": 0.5}))
+    write_record(exp / "trial-b", StageRecord(
+        "finetune", "k3", "failed", attempts=2, duration_s=3.0, where="slurm:999999",
+        history=[{"attempt": 1, "status": "running", "where": "slurm:999998", "error": None}],
+        error="exit code 1\nTraceback (most recent call last):\nValueError: lora_rank too big"))
+    return exp
+
+
+def test_summary_shows_failures_with_their_last_lines_and_exits_1(cli, experiment):
+    result = cli("summary", experiment)
+    assert result.code == 1
+    assert "ValueError: lora_rank too big" in result.out
+    assert "trial b finetune failed" in result.out
+    assert "The Prefect server is not running: this summary is from disk" in result.out
+    assert "Traceback" not in result.err
+
+
+def test_summary_json_has_every_trial_and_stage(cli, experiment):
+    result = cli("summary", "--json", experiment)
+    assert result.code == 1
+    report = json.loads(result.out)
+    states = {t["id"]: {s: v["state"] for s, v in t["stages"].items()} for t in report["trials"]}
+    assert states == {"a": {"finetune": "done", "eval": "done"},
+                      "b": {"finetune": "failed", "eval": "blocked"},
+                      "c": {"finetune": "pending", "eval": "pending"}}
+    b = next(t for t in report["trials"] if t["id"] == "b")["stages"]["finetune"]
+    assert b["attempts"] == 2 and [s.split(":")[0] for s in b["slurm"]] == ["999998", "999999"]
+    assert report["complete"] is False and report["running"] is False
+
+
+def test_summary_of_selected_complete_trials_exits_0(cli, experiment):
+    assert cli("summary", "--trials", "a", experiment).code == 0
+
+
+def test_a_record_left_running_by_a_dead_run_is_interrupted(cli, experiment):
+    write_record(experiment / "trial-c", StageRecord("finetune", "k4", "running"))
+    report = json.loads(cli("summary", "--json", "--trials", "c", experiment).out)
+    assert report["trials"][0]["stages"]["finetune"]["state"] == "interrupted"
+
+
+def test_progress_on_a_finished_run_prints_once(cli, experiment):
+    result = cli("progress", experiment)
+    assert result.code == 0
+    assert "2/6" in result.out and "trial b" in result.out and "finished" not in result.out
+
+
+def test_unknown_trial_is_a_clear_error(cli, experiment):
+    result = cli("summary", "--trials", "a,zz", experiment)
+    assert result.code == 2 and "unknown trial 'zz'" in result.err
