@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import os
 import secrets
 import shutil
@@ -33,6 +31,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from service_support import require_service
 
 DEFAULT_URL = "postgresql+asyncpg://prefect:prefect@127.0.0.1:5432/prefect"
 POSTGRES_URL = os.environ.get("CRUIJFF_TEST_POSTGRES_URL") or DEFAULT_URL
@@ -71,29 +70,8 @@ def _check_postgres() -> str | None:
 
 def require_postgres() -> None:
     """Skip the current test when PostgreSQL is not usable; fail if CRUIJFF_REQUIRE_POSTGRES=1."""
-    reason = postgres_unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CRUIJFF_REQUIRE_POSTGRES") == "1":
-        pytest.fail(f"CRUIJFF_REQUIRE_POSTGRES=1 but PostgreSQL is not usable here: {reason}; "
-                    f"{START_HINT}", pytrace=False)
-    pytest.skip(f"PostgreSQL is not running here ({reason}); {START_HINT}")
-
-
-def requires_postgres(obj):
-    """Decorate a test function (or every test method of a class) to need a running PostgreSQL."""
-    if inspect.isclass(obj):
-        for name, member in list(vars(obj).items()):
-            if name.startswith("test") and callable(member):
-                setattr(obj, name, requires_postgres(member))
-        return obj
-
-    @functools.wraps(obj)  # pytest reads fixture names through __wrapped__
-    def wrapper(*args, **kwargs):
-        require_postgres()
-        return obj(*args, **kwargs)
-
-    return wrapper
+    require_service("PostgreSQL", postgres_unavailable_reason(), "CRUIJFF_REQUIRE_POSTGRES",
+                    START_HINT)
 
 
 # ---------------------------------------------------------------------------------------------

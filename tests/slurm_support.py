@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import shutil
 import subprocess
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import pytest
+from service_support import require_service
 
 START_HINT = "start it with: bash scripts/slurm/start.sh (as root)"
 USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
@@ -66,13 +65,7 @@ def _check_slurm() -> str | None:
 
 def require_slurm() -> None:
     """Skip the current test when Slurm is not usable; fail instead if CRUIJFF_REQUIRE_SLURM=1."""
-    reason = slurm_unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CRUIJFF_REQUIRE_SLURM") == "1":
-        pytest.fail(f"CRUIJFF_REQUIRE_SLURM=1 but Slurm is not usable here: {reason}; "
-                    f"{START_HINT}", pytrace=False)
-    pytest.skip(f"Slurm is not running here ({reason}); {START_HINT}")
+    require_service("Slurm", slurm_unavailable_reason(), "CRUIJFF_REQUIRE_SLURM", START_HINT)
 
 
 def requires_slurm(obj):
