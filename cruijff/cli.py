@@ -160,7 +160,7 @@ def _stage_cells(trial, stages: list[str]) -> list[str]:
         text = status if status != "reused" else f"reused {record.reused_from}"
         if record and record.duration_s is not None and status != "reused":
             text += f" {record.duration_s:.0f}s"
-        cells.append(f"[{STATUS_STYLE.get(status, '')}]{text}[/]")
+        cells.append(f"[{STATUS_STYLE.get(status, 'default')}]{text}[/]")
     return cells
 
 
@@ -351,7 +351,7 @@ def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local:
         return work()
 
 
-SUMMARY_STYLE = {**STATUS_STYLE, "interrupted": "red", "blocked": "dim"}
+SUMMARY_STYLE = {**STATUS_STYLE, "interrupted": "red", "blocked": "dim", "outdated": "yellow"}
 
 
 @app.command()
@@ -405,7 +405,7 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
             if status is None:
                 cells.append("")
                 continue
-            text = f"[{SUMMARY_STYLE.get(status.state, '')}]{status.state}[/]"
+            text = f"[{SUMMARY_STYLE.get(status.state, 'default')}]{status.state}[/]"
             if status.attempts > 1:
                 text += f" ×{status.attempts}"
             if status.duration_s is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cruijff.runner import Experiment, Trial, unlocked
+from cruijff.runner import Experiment, Trial, stage_key, unlocked
 from cruijff.slurm import job_states
 from cruijff.state import read_record
 
@@ -14,7 +14,8 @@ from cruijff.state import read_record
 @dataclass
 class StageStatus:
     state: str
-    """done, reused, failed, running, interrupted, pending, blocked (an earlier stage failed)."""
+    """done, reused, outdated (done, but its inputs changed since: it will run again),
+    failed, running, interrupted, pending, blocked (an earlier stage failed)."""
     attempts: int = 0
     duration_s: float | None = None
     where: str | None = None
@@ -44,6 +45,7 @@ class Summary:
     def complete(self) -> bool:
         return all(s.state in ("done", "reused") for t in self.trials for s in t.stages.values())
 
+
     def to_json(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "running": self.running,
                 "complete": self.complete, "notices": self.notices,
@@ -72,6 +74,8 @@ def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) 
             state = record.status
             if state == "running" and not running:
                 state = "interrupted"  # no run holds the experiment: nothing is running it
+            elif record.is_done and record.key != stage_key(trial, stage):
+                state = "outdated"
             statuses[stage] = StageStatus(
                 state=state, attempts=record.attempts, duration_s=record.duration_s,
                 where=record.where if not record.reused_from else f"trial {record.reused_from}",

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from cruijff.runner import load_experiment, stage_key
 from cruijff.state import StageRecord, write_record
 
 TINY = "cruijff/tiny-llama-random"
@@ -22,10 +23,11 @@ def experiment(cli, project, monkeypatch, tmp_path):
                  "--name", "exp", cwd=project.experiments)
     assert result.code == 0, result.err
     exp = project.experiments / "exp"
-    write_record(exp / "trial-a", StageRecord("finetune", "k1", "done", duration_s=12.0,
-                                              where="local:host:1"))
-    write_record(exp / "trial-a", StageRecord("eval", "k2", "done", duration_s=8.0,
-                                              where="local:host:1", metrics={"accuracy": 0.5}))
+    a = load_experiment(exp).trial("a")
+    write_record(a.dir, StageRecord("finetune", stage_key(a, "finetune"), "done",
+                                    duration_s=12.0, where="local:host:1"))
+    write_record(a.dir, StageRecord("eval", stage_key(a, "eval"), "done", duration_s=8.0,
+                                    where="local:host:1", metrics={"accuracy": 0.5}))
     write_record(exp / "trial-b", StageRecord(
         "finetune", "k3", "failed", attempts=2, duration_s=3.0, where="slurm:999999",
         history=[{"attempt": 1, "status": "running", "where": "slurm:999998", "error": None}],
@@ -63,6 +65,13 @@ def test_a_record_left_running_by_a_dead_run_is_interrupted(cli, experiment):
     write_record(experiment / "trial-c", StageRecord("finetune", "k4", "running"))
     report = json.loads(cli("summary", "--json", "--trials", "c", experiment).out)
     assert report["trials"][0]["stages"]["finetune"]["state"] == "interrupted"
+
+
+def test_a_done_stage_whose_inputs_changed_is_outdated(cli, experiment):
+    eval_config = experiment / "trial-a" / "eval.yaml"
+    eval_config.write_text(eval_config.read_text().replace("limit: null", "limit: 3"))
+    report = json.loads(cli("summary", "--json", "--trials", "a", experiment).out)
+    assert report["trials"][0]["stages"]["eval"]["state"] == "outdated"
 
 
 def test_progress_on_a_finished_run_prints_once(cli, experiment):

@@ -136,14 +136,16 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
     node[last] = value
 
 
-STAGES: dict[str, Stage] = {}
+_REGISTERED: dict[str, Stage] = {}
 
 
 def register(cls: type[Stage]) -> type[Stage]:
-    STAGES[cls.name] = cls()
+    _REGISTERED[cls.name] = cls()
     return cls
 
 
-# The registry, in pipeline order: importing a stage module registers it.
 from cruijff.stages import eval as eval_stage  # noqa: E402, F401
-from cruijff.stages import finetune  # noqa: E402, F401
+from cruijff.stages import finetune, prompt_opt  # noqa: E402, F401
+
+# The pipeline, in order. A new stage: one file, imported above, named here.
+STAGES: dict[str, Stage] = {name: _REGISTERED[name] for name in ("finetune", "prompt_opt", "eval")}

@@ -31,6 +31,49 @@ def _generate_fields() -> set[str]:
     return set(GenerateConfig.model_fields)
 
 
+def inspect_target(ctx: TrialContext) -> dict[str, Any]:
+    """The task and model an Inspect-based stage evaluates for this trial: the fine-tuned
+    checkpoint when the trial fine-tunes, else the base model; greedy by default."""
+    task = ctx.task
+    model = (ctx.trial_dir / FINAL_CHECKPOINT) if ctx.trial.use_fine_tune else ctx.model_path
+    family = ctx.family
+    return {
+        "task": task.name,
+        "task_file": str(task.eval_file),
+        "task_function": task.function,
+        "task_args": {
+            **copy.deepcopy(task.defaults),
+            "data_path": str(ctx.data_path),
+            "data_ext": ctx.data_path.suffix.lstrip("."),
+        },
+        "model": f"hf/{model}",
+        "model_args": {"do_sample": False, **(family.eval_model_args if family else {})},
+        "generate": dict(family.eval_generate) if family else {},
+    }
+
+
+def task_factory(config: dict[str, Any]) -> Any:
+    """The @task function named by a stage config, with its model known to Inspect (so a
+    local model is not loaded a second time just to look up its info)."""
+    from inspect_ai.model import ModelInfo, set_model_info
+
+    from cruijff.tasks import load_function
+
+    set_model_info(config["model"], ModelInfo(organization="local", model=config["model"]))
+    return load_function(Path(config["task_file"]), f"_cruijff_task_{config['task']}_eval",
+                         config["task_function"])
+
+
+def log_metrics(log: Any) -> dict[str, Any]:
+    """Sample count and every metric of an Inspect log's results."""
+    metrics: dict[str, Any] = {"samples": log.results.completed_samples if log.results else 0}
+    scores = log.results.scores if log.results else []
+    for score in scores:
+        for name, metric in score.metrics.items():
+            metrics[name if len(scores) == 1 else f"{score.name}/{name}"] = metric.value
+    return metrics
+
+
 @register
 class EvalStage(Stage):
     name = "eval"
@@ -41,21 +84,8 @@ class EvalStage(Stage):
         return True
 
     def resolve(self, ctx: TrialContext) -> StageConfig:
-        task = ctx.task
-        model = (ctx.trial_dir / FINAL_CHECKPOINT) if ctx.trial.use_fine_tune else ctx.model_path
-        family = ctx.family
         config: dict[str, Any] = {
-            "task": task.name,
-            "task_file": str(task.eval_file),
-            "task_function": task.function,
-            "task_args": {
-                **copy.deepcopy(task.defaults),
-                "data_path": str(ctx.data_path),
-                "data_ext": ctx.data_path.suffix.lstrip("."),
-            },
-            "model": f"hf/{model}",
-            "model_args": {"do_sample": False, **(family.eval_model_args if family else {})},
-            "generate": dict(family.eval_generate) if family else {},
+            **inspect_target(ctx),
             "limit": None,
             "log_dir": str(ctx.trial_dir / "logs" / "eval"),
         }
@@ -73,15 +103,9 @@ class EvalStage(Stage):
         """`cruijff exec eval eval.yaml`: run the task with eval_set semantics (a re-run
         reuses the samples already scored in log_dir and re-executes only failed ones)."""
         from inspect_ai import eval_set
-        from inspect_ai.model import ModelInfo, set_model_info
-
-        from cruijff.tasks import load_function
 
         config = load_yaml_mapping(config_path, "eval config")
-        # Known to Inspect, a local model is not loaded a second time just to look up its info.
-        set_model_info(config["model"], ModelInfo(organization="local", model=config["model"]))
-        make_task = load_function(Path(config["task_file"]),
-                                  f"_cruijff_task_{config['task']}_eval", config["task_function"])
+        make_task = task_factory(config)
         success, _ = eval_set(
             tasks=[make_task(**config["task_args"])],
             log_dir=config["log_dir"],
@@ -108,14 +132,8 @@ class EvalStage(Stage):
         if log.status != "success":
             error = log.error.message.splitlines()[0] if log.error else "no error recorded"
             raise StageFailed(f"eval log status is {log.status}: {error}")
-        metrics: dict[str, Any] = {"samples": log.results.completed_samples if log.results else 0}
-        for score in log.results.scores if log.results else []:
-            for name, metric in score.metrics.items():
-                metrics[name if len(log.results.scores) == 1 else f"{score.name}/{name}"] = (
-                    metric.value
-                )
         location = Path(newest.name.removeprefix("file://"))
-        return Verified([str(location.relative_to(trial_dir))], metrics)
+        return Verified([str(location.relative_to(trial_dir))], log_metrics(log))
 
     def _set(self, config: dict[str, Any], ctx: TrialContext, key: str, value: Any,
              source: str) -> None:

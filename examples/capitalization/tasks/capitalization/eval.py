@@ -7,8 +7,9 @@ from pathlib import Path
 
 from inspect_ai import Task, task
 from inspect_ai.dataset import MemoryDataset, Sample
+from inspect_ai.model import ChatMessage, ChatMessageAssistant, ChatMessageUser
 from inspect_ai.scorer import CORRECT, INCORRECT, Score, Target, accuracy, scorer, stderr
-from inspect_ai.solver import TaskState, generate
+from inspect_ai.solver import TaskState, generate, system_message
 
 
 def _data_file(data_path: str, data_ext: str) -> Path:
@@ -36,17 +37,37 @@ def exact_match():
     return score
 
 
+def _prompt(record: dict, fewshot: list[dict] | None) -> str | list[ChatMessage]:
+    """The record's input, after the demonstrations (as earlier turns) when there are any."""
+    if not fewshot:
+        return record["input"]
+    turns: list[ChatMessage] = []
+    for demo in fewshot:
+        turns += [ChatMessageUser(content=demo["input"]),
+                  ChatMessageAssistant(content=demo["output"])]
+    return [*turns, ChatMessageUser(content=record["input"])]
+
+
 @task
-def capitalization(data_path: str, data_ext: str = "json", split: str = "test") -> Task:
+def capitalization(
+    data_path: str,
+    data_ext: str = "json",
+    split: str = "test",
+    system_prompt: str = "",
+    fewshot: list[dict] | None = None,
+) -> Task:
+    """Prompt optimization may set `system_prompt` and `fewshot` (demonstration records
+    {id, input, output} from the training split); cruijff passes `split`."""
     if data_ext.lstrip(".") != "json":
         raise ValueError(f"capitalization: only json data is supported, got data_ext={data_ext!r}")
     path = _data_file(data_path, data_ext)
     splits = json.loads(path.read_text())
     if split not in splits:
         raise ValueError(f"capitalization: {path} has no split {split!r} (has {sorted(splits)})")
-    samples = [Sample(id=r["id"], input=r["input"], target=r["output"]) for r in splits[split]]
+    samples = [Sample(id=r["id"], input=_prompt(r, fewshot), target=r["output"])
+               for r in splits[split]]
     return Task(
         dataset=MemoryDataset(samples, name=f"{path.stem}-{split}"),
-        solver=generate(),
+        solver=[system_message(system_prompt), generate()] if system_prompt else generate(),
         scorer=exact_match(),
     )
