@@ -196,7 +196,7 @@ def run(
         help="the experiment folder; or give build options to build one first",
         metavar="EXPERIMENT")] = None,
     stage: Annotated[str | None, typer.Option(
-        help="run only this stage: finetune, eval", metavar="STAGE")] = None,
+        help="run only this stage: finetune, prompt_opt, eval", metavar="STAGE")] = None,
     trials: Annotated[str | None, typer.Option(
         help="only these trials, e.g. a,b,c", metavar="IDS")] = None,
     failed: Annotated[bool, typer.Option(
