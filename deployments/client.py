@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import DeploymentStatus, State
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.deployments import run_deployment
+from prefect.states import Cancelled
+
+from cruijff.errors import CruijffError
 
 EXPERIMENT_DEPLOYMENT = "cruijff-experiment/run"
 RERUN_DEPLOYMENT = "cruijff-rerun/rerun-failed"
@@ -26,10 +30,19 @@ async def _deployment(name: str) -> DeploymentResponse | None:
             return None
 
 
+POLLED_WITHIN = 30.0
+"""A deployment counts as served only if something polled for its runs this recently
+(Prefect's READY status outlives a stopped `cruijff serve` by a minute)."""
+PICKUP_TIMEOUT = 60.0
+
+
 def served_experiment_deployment() -> UUID | None:
     """The experiment deployment's id if something is polling for its runs right now."""
     deployment = asyncio.run(_deployment(EXPERIMENT_DEPLOYMENT))
     if deployment is None or deployment.status != DeploymentStatus.READY:
+        return None
+    polled = deployment.last_polled
+    if polled is None or (datetime.now(UTC) - polled).total_seconds() > POLLED_WITHIN:
         return None
     return deployment.id
 
@@ -42,15 +55,29 @@ def trigger(deployment: UUID, parameters: dict, experiment_name: str) -> UUID:
 
 
 def wait_for(flow_run_id: UUID, poll: float = 1.0) -> bool:
-    """Wait for a triggered run to end; True if it completed."""
+    """Wait for a triggered run to end; True if it completed. A run that nothing picks up
+    within PICKUP_TIMEOUT is cancelled and reported, never waited on forever."""
     async def state() -> State | None:
         async with get_client() as client:
             return (await client.read_flow_run(flow_run_id)).state
 
+    async def cancel() -> None:
+        async with get_client() as client:
+            await client.set_flow_run_state(
+                flow_run_id, Cancelled(message="no worker picked it up"), force=True)
+
+    start = time.monotonic()
     while True:
         current = asyncio.run(state())
         if current is not None and current.is_final():
             return current.is_completed()
+        waiting = current is None or current.is_scheduled() or current.is_pending()
+        if waiting and time.monotonic() - start > PICKUP_TIMEOUT:
+            asyncio.run(cancel())
+            raise CruijffError(
+                f"nothing picked up flow run {flow_run_id} in {PICKUP_TIMEOUT:.0f} s (is "
+                "`cruijff serve` or the pool's worker running?): cancelled it; run with --local "
+                "to run in this process")
         time.sleep(poll)
 
 

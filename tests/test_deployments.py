@@ -47,6 +47,15 @@ def served(prefect_env):
     yield UUID(found.stdout.strip())
     proc.terminate()
     proc.wait(timeout=30)
+    from prefect.client.orchestration import PrefectClient
+
+    async def forget() -> None:  # later tests on this server must not find them served
+        async with PrefectClient(api=prefect_env["PREFECT_API_URL"]) as client:
+            for name in ("cruijff-experiment/run", "cruijff-rerun/rerun-failed"):
+                deployment = await client.read_deployment_by_name(name)
+                await client.delete_deployment(deployment.id)
+
+    asyncio.run(forget())
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +154,33 @@ def test_failed_trials_are_rerun_by_the_rerun_deployment(served, site, prefect_e
 
     off = cruijff("schedule-reruns", site / "rerun", "--off", env=prefect_env)
     assert off.returncode == 0 and asyncio.run(schedules()) == []
+
+
+def test_deploy_registers_both_deployments_on_a_process_pool(tmp_path):
+    """On its own server: registering on a pool replaces what `cruijff serve` serves."""
+    import os
+
+    from flows.server import start_server, stop_server
+
+    info = start_server(tmp_path / "home")
+    try:
+        env = dict(os.environ, CRUIJFF_HOME=str(tmp_path / "home"), PREFECT_API_URL=info.url)
+        result = cruijff("deploy", "--pool", "hpc", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "prefect worker start --pool hpc" in result.stdout
+
+        from prefect.client.orchestration import PrefectClient
+
+        async def read():
+            async with PrefectClient(api=info.url) as client:
+                pool = await client.read_work_pool("hpc")
+                deployments = [await client.read_deployment_by_name(name) for name in
+                               ("cruijff-experiment/run", "cruijff-rerun/rerun-failed")]
+                return pool, deployments
+
+        pool, deployments = asyncio.run(read())
+        assert pool.type == "process"
+        assert [d.work_pool_name for d in deployments] == ["hpc", "hpc"]
+        assert deployments[0].entrypoint == "flows.experiment.experiment_flow"
+    finally:
+        stop_server(tmp_path / "home")
