@@ -429,6 +429,40 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
 
 
 @app.command()
+def analyze(
+    experiment: Annotated[Path, typer.Argument(help="the experiment folder")],
+    output: Annotated[Path | None, typer.Option(
+        help="report folder (default: <experiment>/report)", metavar="DIR")] = None,
+    format: Annotated[str, typer.Option(
+        "--format", help="report files to write: any of md,html,csv (or none)",
+        metavar="FORMATS")] = "md,html,csv",
+    database_url: Annotated[str | None, typer.Option(
+        help="results store (default: CRUIJFF_DATABASE_URL, else <experiment>/results.sqlite)",
+        metavar="URL")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """How well did the models do? Each trial's metric with a 95% CI; each treatment against
+    its control on the same samples (McNemar / paired bootstrap, Holm-adjusted); final loss and
+    wall time; a report folder (report.md, self-contained report.html with plots, results.csv).
+    Works on a partly finished experiment: it analyzes what is done and names the rest."""
+    from cruijff.report import analysis_table
+    from cruijff.report import analyze as run_analysis
+
+    formats = {f.strip() for f in format.split(",") if f.strip() and f.strip() != "none"}
+    with err.status("Loading results ..."):
+        analysis = run_analysis(experiment, output=output, formats=formats,
+                                database_url=database_url)
+    if as_json:
+        print(analysis.to_json())
+        return
+    out.print(analysis_table(analysis))
+    for missing in analysis.missing:
+        out.print(f"[yellow]no results:[/] {missing.describe()}", highlight=False)
+    if analysis.files:
+        out.print(f"Report: {', '.join(str(f) for f in analysis.files)}", markup=False)
+
+
+@app.command()
 def progress(
     experiment: Annotated[Path, typer.Argument(help="the experiment folder")],
     watch: Annotated[bool, typer.Option(

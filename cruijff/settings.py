@@ -238,6 +238,13 @@ class CruijffSettings(BaseSettings):
         "never written to any file",
         repr=False,  # it may hold a password
     )
+    database_url: str | None = Field(
+        None,
+        description="the results store of `cruijff analyze`: any SQLAlchemy URL, e.g. "
+        "postgresql+psycopg://user:password@host:5432/db, instead of the SQLite file "
+        "<experiment>/results.sqlite; never written to any file",
+        repr=False,  # it may hold a password
+    )
 
     @property
     def is_offline(self) -> bool:

@@ -39,14 +39,22 @@ rerun_flow = flow(name="cruijff-rerun")(_rerun)
 
 
 def _deployments(work_pool: str | None = None) -> list:
-    kinds = {"work_pool_name": work_pool, "entrypoint_type": EntrypointType.MODULE_PATH} \
-        if work_pool else {}
-    return [
-        experiment_flow.to_deployment(name=EXPERIMENT_DEPLOYMENT.split("/")[1],
-                                      tags=["cruijff"], **kinds),
-        rerun_flow.to_deployment(name=RERUN_DEPLOYMENT.split("/")[1], tags=["cruijff"],
-                                 **kinds),
-    ]
+    """Both deployments; for a work pool, by module path, since a worker imports the flow
+    from the installed package (cruijff's flows are objects named apart from their
+    functions, see flows/experiment.py, so the entrypoint names the object)."""
+    deployments = []
+    for flow_object, entrypoint, name in (
+        (experiment_flow, "flows.experiment.experiment_flow", EXPERIMENT_DEPLOYMENT),
+        (rerun_flow, "deployments.serve.rerun_flow", RERUN_DEPLOYMENT),
+    ):
+        kinds = {"work_pool_name": work_pool, "entrypoint_type": EntrypointType.MODULE_PATH} \
+            if work_pool else {}
+        deployment = flow_object.to_deployment(name=name.split("/")[1], tags=["cruijff"],
+                                               **kinds)
+        if work_pool:
+            deployment.entrypoint = entrypoint
+        deployments.append(deployment)
+    return deployments
 
 
 def serve() -> None:

@@ -1,0 +1,703 @@
+"""`cruijff analyze`: load an experiment's results into the store, compute from there, report.
+
+Everything is computed from the store (cruijff/store.py), which is loaded from disk first:
+per trial the metric (mean per-sample score; accuracy for CORRECT/INCORRECT scorers) with its
+confidence interval, the final fine-tune loss and the wall time; per treatment a paired
+comparison with its control on the samples both scored, with Holm-adjusted p-values across all
+treatments (statistics in cruijff/analysis.py). Trials without results are named, not fatal.
+
+The report folder (default `<experiment>/report/`) holds results.csv, report.md and a
+self-contained report.html (inline CSS and SVG plots, no scripts, no external references).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from cruijff.analysis import Comparison, Estimate, compare, holm, is_binary, mean_estimate
+from cruijff.errors import CruijffError
+from cruijff.fileio import atomic_write_text
+from cruijff.store import (
+    FINETUNE_STAGE,
+    ExperimentRow,
+    LoadReport,
+    LossRow,
+    MetricRow,
+    MissingTrial,
+    SampleRow,
+    StageRunRow,
+    Store,
+    TrialRow,
+    load_experiment_results,
+    open_store,
+)
+
+FORMATS = frozenset({"md", "html", "csv"})
+REPORT_DIR = "report"
+ALPHA = 0.05
+CSV_COLUMNS = ("id", "label", "model", "dataset", "metric", "ci_low", "ci_high", "n",
+               "diff_vs_control", "diff_low", "diff_high", "p", "p_holm", "method",
+               "final_loss", "wall_s", "control", "n_pairs", "ci_method", "status")
+
+__all__ = [
+    "CSV_COLUMNS",
+    "FORMATS",
+    "Analysis",
+    "TrialResult",
+    "analysis_table",
+    "analyze",
+    "compute_analysis",
+    "write_report",
+]
+
+
+@dataclass
+class TrialResult:
+    id: str
+    label: str
+    model: str
+    dataset: str
+    control: str | None
+    status: str
+    """'ok' when the trial has results; else pending, running, failed or unreadable."""
+    detail: str | None = None
+    scorer: str | None = None
+    estimate: Estimate | None = None
+    comparison: Comparison | None = None
+    p_holm: float | None = None
+    note: str | None = None
+    """Why a treatment has no comparison (its control has no results, no common samples)."""
+    final_loss: float | None = None
+    losses: list[float | None] = field(default_factory=list)
+    wall_s: float | None = None
+    arm: str = "fine-tune"
+    """How the trial adapts the model: base, prompt-opt, fine-tune or both."""
+
+    @property
+    def has_results(self) -> bool:
+        return self.estimate is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        est, cmp = self.estimate, self.comparison
+        return _clean({
+            "id": self.id, "label": self.label, "model": self.model, "dataset": self.dataset,
+            "control": self.control, "status": self.status, "detail": self.detail,
+            "scorer": self.scorer,
+            "metric": None if est is None else {
+                "value": est.value, "low": est.low, "high": est.high, "n": est.n,
+                "method": est.method},
+            "vs_control": None if cmp is None else {
+                "n": cmp.n, "difference": cmp.difference, "low": cmp.low, "high": cmp.high,
+                "p": cmp.p_value, "p_holm": self.p_holm, "method": cmp.method,
+                "wins": cmp.wins, "losses": cmp.losses},
+            "note": self.note, "arm": self.arm, "final_loss": self.final_loss,
+            "steps": len(self.losses),
+            "wall_s": self.wall_s,
+        })
+
+
+@dataclass
+class Analysis:
+    experiment: str
+    path: Path
+    metric: str
+    """'accuracy' when every score is 0/1, else 'mean score'."""
+    confidence: float
+    trials: list[TrialResult]
+    store_url: str
+    load: LoadReport | None = None
+    report_dir: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[MissingTrial]:
+        return [MissingTrial(t.id, t.label, t.status, t.detail)
+                for t in self.trials if not t.has_results]
+
+    @property
+    def compared(self) -> list[TrialResult]:
+        return [t for t in self.trials if t.comparison is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean({
+            "experiment": self.experiment, "path": str(self.path), "metric": self.metric,
+            "confidence": self.confidence, "store": self.store_url,
+            "report_dir": None if self.report_dir is None else str(self.report_dir),
+            "files": [str(f) for f in self.files],
+            "trials": [t.to_dict() for t in self.trials],
+            "missing": [{"id": m.id, "label": m.label, "reason": m.reason, "detail": m.detail}
+                        for m in self.missing],
+        })
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Computing
+
+
+def analyze(
+    experiment_path: Path,
+    *,
+    output: Path | None = None,
+    formats: set[str] | None = None,
+    database_url: str | None = None,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Analysis:
+    """Load the experiment into the store, compute its analysis from the store, and write
+    the report (`formats` of md, html, csv; default all; an empty set writes nothing) into
+    `output` (default `<experiment>/report/`). Raises CruijffError when no trial has results."""
+    formats = set(FORMATS if formats is None else formats)
+    unknown = formats - FORMATS
+    if unknown:
+        raise CruijffError(f"unknown report format {sorted(unknown)[0]!r}: use "
+                           f"{', '.join(sorted(FORMATS))}")
+    path = Path(experiment_path).expanduser().resolve()
+    if not (path / "config.yaml").is_file():
+        raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
+                           "build one with `cruijff build`")
+    with open_store(database_url, path) as store:
+        load = load_experiment_results(store, path)
+        analysis = compute_analysis(store, path, confidence=confidence, seed=seed)
+    analysis.load = load
+    if not any(t.has_results for t in analysis.trials):
+        lines = "; ".join(m.describe() for m in analysis.missing[:5])
+        raise CruijffError(f"experiment {analysis.experiment} has no results yet: no trial "
+                           f"has a finished eval ({lines})")
+    if formats:
+        write_report(analysis, output or path / REPORT_DIR, formats)
+    return analysis
+
+
+def compute_analysis(store: Store, experiment_path: Path, *, confidence: float = 0.95,
+                     seed: int = 0) -> Analysis:
+    """The analysis of an experiment already loaded into the store (reads only the store)."""
+    path = Path(experiment_path).expanduser().resolve()
+    with store.session() as session:
+        exp = session.scalars(select(ExperimentRow).where(
+            ExperimentRow.path == str(path)).order_by(ExperimentRow.id.desc())).first()
+        if exp is None:
+            raise CruijffError(f"the results store {store.url} has no experiment at {path}: "
+                               "load it first")
+        trials = session.scalars(select(TrialRow).where(TrialRow.experiment_id == exp.id)
+                                 .order_by(TrialRow.position)).all()
+        pks = select(TrialRow.id).where(TrialRow.experiment_id == exp.id).scalar_subquery()
+        samples: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for pk, sample_id, score in session.execute(
+            select(SampleRow.trial_pk, SampleRow.sample_id, SampleRow.score)
+            .join(TrialRow, (TrialRow.id == SampleRow.trial_pk)
+                  & (TrialRow.scorer == SampleRow.scorer))
+            .where(TrialRow.experiment_id == exp.id)
+        ):
+            samples[pk][sample_id].append(score)
+        losses: dict[int, list[float | None]] = defaultdict(list)
+        for pk, loss in session.execute(select(LossRow.trial_pk, LossRow.loss)
+                                        .where(LossRow.trial_pk.in_(pks))
+                                        .order_by(LossRow.trial_pk, LossRow.step)):
+            losses[pk].append(loss)
+        last_loss = dict(session.execute(
+            select(MetricRow.trial_pk, MetricRow.value).where(
+                MetricRow.trial_pk.in_(pks), MetricRow.stage == FINETUNE_STAGE,
+                MetricRow.name == "loss_last")).all())
+        wall = dict(session.execute(
+            select(StageRunRow.trial_pk, func.sum(StageRunRow.duration_s))
+            .where(StageRunRow.trial_pk.in_(pks)).group_by(StageRunRow.trial_pk)).all())
+        name = exp.name
+        rows = [(t.id, t.trial_id, t.label, t.model, t.dataset, t.control, t.eval_status,
+                 t.eval_detail, t.scorer, ARMS[(t.use_fine_tune, t.use_prompt_opt)])
+                for t in trials]
+
+    # Per sample id, the mean over epochs: samples, not epochs, are the independent units.
+    scores = {pk: {sid: sum(v) / len(v) for sid, v in by_id.items()}
+              for pk, by_id in samples.items()}
+    results: list[TrialResult] = []
+    by_id: dict[str, tuple[TrialResult, dict[str, float]]] = {}
+    for pk, trial_id, label, model, dataset, control, status, detail, scorer, arm in rows:
+        mine = scores.get(pk, {})
+        result = TrialResult(trial_id, label, model, dataset, control,
+                             "ok" if status == "done" and mine else status, detail, scorer,
+                             arm=arm)
+        if status == "done" and not mine:
+            result.status, result.detail = "unreadable", "no scored samples in the store"
+        if mine:
+            result.estimate = mean_estimate(list(mine.values()), confidence, seed=seed)
+        finite = [x for x in losses.get(pk, []) if x is not None]
+        result.losses = losses.get(pk, [])
+        result.final_loss = finite[-1] if finite else last_loss.get(pk)
+        result.wall_s = None if wall.get(pk) is None else round(wall[pk], 3)
+        results.append(result)
+        by_id[trial_id] = (result, mine)
+
+    for result in results:
+        if result.control is None or not result.has_results:
+            continue
+        control, control_scores = by_id.get(result.control, (None, {}))
+        if control is None or not control.has_results:
+            result.note = f"control {result.control} has no results"
+            continue
+        try:
+            result.comparison = compare(by_id[result.id][1], control_scores, confidence,
+                                        seed=seed)
+        except ValueError as exc:
+            result.note = str(exc)
+    compared = [r for r in results if r.comparison is not None]
+    for result, adjusted in zip(compared, holm([r.comparison.p_value for r in compared]),
+                                strict=True):
+        result.p_holm = adjusted
+
+    binary = all(is_binary(list(s.values())) for s in scores.values()) and bool(scores)
+    return Analysis(name, path, "accuracy" if binary else "mean score", confidence, results,
+                    store.url)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(analysis: Analysis, folder: Path, formats: set[str] | None = None) -> list[Path]:
+    """Write the report files into `folder`; returns (and records on analysis) their paths."""
+    formats = set(FORMATS if formats is None else formats)
+    folder = Path(folder).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CruijffError(f"cannot create report folder {folder}: {exc.strerror}") from None
+    writers = {"csv": ("results.csv", results_csv), "md": ("report.md", report_markdown),
+               "html": ("report.html", report_html)}
+    files = []
+    for fmt in ("csv", "md", "html"):
+        if fmt in formats:
+            name, render = writers[fmt]
+            atomic_write_text(folder / name, render(analysis))
+            files.append(folder / name)
+    analysis.report_dir, analysis.files = folder, files
+    return files
+
+
+def _csv_number(x: float | int | None) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return ""
+    return repr(x) if isinstance(x, float) else str(x)
+
+
+def csv_rows(analysis: Analysis) -> list[dict[str, str]]:
+    rows = []
+    for t in analysis.trials:
+        est, cmp = t.estimate, t.comparison
+        rows.append({
+            "id": t.id, "label": t.label, "model": t.model, "dataset": t.dataset,
+            "metric": _csv_number(est and est.value), "ci_low": _csv_number(est and est.low),
+            "ci_high": _csv_number(est and est.high), "n": _csv_number(est and est.n),
+            "diff_vs_control": _csv_number(cmp and cmp.difference),
+            "diff_low": _csv_number(cmp and cmp.low), "diff_high": _csv_number(cmp and cmp.high),
+            "p": _csv_number(cmp and cmp.p_value), "p_holm": _csv_number(t.p_holm),
+            "method": cmp.method if cmp else "", "final_loss": _csv_number(t.final_loss),
+            "wall_s": _csv_number(t.wall_s), "control": t.control or "",
+            "n_pairs": _csv_number(cmp and cmp.n), "ci_method": est.method if est else "",
+            "status": t.status,
+        })
+    return rows
+
+
+def results_csv(analysis: Analysis) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_rows(analysis))
+    return buffer.getvalue()
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def _p(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:.2g}" if x < 0.001 else f"{x:.3f}"
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "–"
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def _wall(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+def _display_rows(analysis: Analysis) -> list[list[str]]:
+    """The cells shared by the terminal, Markdown and HTML tables."""
+    rows = []
+    for t in analysis.trials:
+        est, cmp = t.estimate, t.comparison
+        if cmp is not None:
+            diff = f"{cmp.difference:+.3f} {_interval(cmp.low, cmp.high)}"
+        elif t.control is None:
+            diff = "(control)" if t.has_results else "–"
+        else:
+            diff = t.note or "–"
+        rows.append([
+            t.id, t.label,
+            f"{est.value:.3f} {_interval(est.low, est.high)}" if est else t.status,
+            str(est.n) if est else "–", diff, _p(cmp.p_value) if cmp else "–",
+            _p(t.p_holm), _f(t.final_loss, 4), _wall(t.wall_s),
+        ])
+    return rows
+
+
+def _headers(analysis: Analysis) -> list[str]:
+    pct = f"{analysis.confidence:.0%}"
+    return ["trial", "label", f"{analysis.metric} [{pct} CI]", "n",
+            f"Δ vs control [{pct} CI]", "p", "p (Holm)", "final loss", "wall time"]
+
+
+def analysis_table(analysis: Analysis) -> Any:
+    """The analysis as a rich Table (what `cruijff analyze` prints)."""
+    from rich.table import Table
+
+    table = Table(title=f"{analysis.experiment}: {analysis.metric} per trial")
+    for header in _headers(analysis):
+        table.add_column(header, overflow="fold",
+                         justify="left" if header in ("trial", "label") else "right")
+    for t, cells in zip(analysis.trials, _display_rows(analysis), strict=True):
+        if not t.has_results:
+            table.add_row(*cells, style="red")
+        elif t.p_holm is not None and t.p_holm <= ALPHA:
+            table.add_row(*cells, style="bold")
+        else:
+            table.add_row(*cells)
+    return table
+
+
+ARMS = {(False, False): "base", (False, True): "prompt-opt", (True, False): "fine-tune",
+        (True, True): "both"}
+
+
+def arm_rows(analysis: Analysis) -> list[list[str]]:
+    """Prompt-opt vs fine-tune vs both (vs neither): the best trial of each arm, when the
+    design has more than one; empty otherwise."""
+    arms: dict[str, list[TrialResult]] = {}
+    for trial in analysis.trials:
+        if trial.has_results:
+            arms.setdefault(trial.arm, []).append(trial)
+    if len(arms) < 2:
+        return []
+    rows = []
+    for arm in ("base", "prompt-opt", "fine-tune", "both"):
+        if arm in arms:
+            best = max(arms[arm], key=lambda t: t.estimate.value)
+            rows.append([arm, str(len(arms[arm])), f"{best.id} ({best.label})",
+                         _f(best.estimate.value),
+                         _interval(best.estimate.low, best.estimate.high)])
+    return rows
+
+
+ARM_HEADERS = ["adaptation", "trials", "best trial", "metric", "95% CI"]
+
+
+def _summary_lines(analysis: Analysis) -> list[str]:
+    done = sum(t.has_results for t in analysis.trials)
+    lines = [f"{done} of {len(analysis.trials)} trials have results."]
+    significant = [t for t in analysis.compared if t.p_holm is not None and t.p_holm <= ALPHA]
+    if analysis.compared:
+        lines.append(f"{len(significant)} of {len(analysis.compared)} treatments differ from "
+                     f"their control at Holm-adjusted p ≤ {ALPHA}.")
+    return lines
+
+
+METHODS = (
+    "The metric is the mean per-sample score (per sample averaged over epochs); 0/1 scores "
+    "get a Wilson interval, others a seeded percentile bootstrap. Each treatment is compared "
+    "with its control on the samples both scored, as pairs: McNemar's exact test with "
+    "Newcombe's interval for 0/1 scores, else a paired bootstrap. p-values are adjusted "
+    "across all treatments with Holm's method."
+)
+
+
+def report_markdown(analysis: Analysis) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    out = [f"# {analysis.experiment}: results", "", *_summary_lines(analysis), ""]
+    headers = _headers(analysis)
+    out.append("| " + " | ".join(headers) + " |")
+    out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(headers))) + "|")
+    out.extend("| " + " | ".join(cell(c) for c in row) + " |" for row in _display_rows(analysis))
+    if arms := arm_rows(analysis):
+        out += ["", "## Prompt optimization vs fine-tuning", "",
+                "| " + " | ".join(ARM_HEADERS) + " |", "|---|---:|---|---:|---:|"]
+        out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in arms]
+    if analysis.missing:
+        out += ["", "## Trials without results", ""]
+        out += [f"- {cell(m.describe())}" for m in analysis.missing]
+    out += ["", "## Methods", "", METHODS, "",
+            "Plots: report.html. Numbers: results.csv.", ""]
+    return "\n".join(out)
+
+
+# --- HTML and SVG ------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
+th, td { padding: 0.25em 0.6em; border-bottom: 1px solid #ddd; text-align: right;
+         white-space: nowrap; }
+td:nth-child(2) { white-space: normal; }
+th:nth-child(-n+2), td:nth-child(-n+2) { text-align: left; }
+tr.missing td { color: #b00020; }
+tr.significant td { font-weight: bold; }
+svg.plot { display: block; margin: 0.5em 0 2em; background: #fff; }
+svg text { font-size: 11px; fill: #333; }
+.axis line, .grid { stroke: #ccc; }
+.ci { stroke: #1f77b4; stroke-width: 2; }
+.point { fill: #1f77b4; }
+.significant .ci { stroke: #d62728; }
+.significant .point { fill: #d62728; }
+.zero { stroke: #555; stroke-dasharray: 4 3; }
+.loss-curve { fill: none; stroke-width: 1.5; }
+"""
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf")
+LEFT, PLOT_W, RIGHT, ROW_H, TOP, BOTTOM = 190, 560, 30, 18, 30, 40
+
+
+def _ticks(lo: float, hi: float, count: int = 8) -> list[float]:
+    """About `count` round values covering [lo, hi]."""
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / count
+    step = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 5, 10):
+        if m * step >= raw:
+            step *= m
+            break
+    first = math.ceil(lo / step - 1e-9)
+    return [round(i * step, 10) for i in range(first, math.floor(hi / step + 1e-9) + 1)]
+
+
+def _short(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _x_axis(lo: float, hi: float, x, y0: float, y1: float, label: str) -> list[str]:
+    parts = ['<g class="axis">']
+    for tick in _ticks(lo, hi):
+        parts.append(f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{y0}" '
+                     f'y2="{y1}"/><text x="{x(tick):.1f}" y="{y1 + 14}" '
+                     f'text-anchor="middle">{tick:g}</text>')
+    parts.append(f'<text x="{LEFT + PLOT_W / 2}" y="{y1 + 30}" text-anchor="middle">'
+                 f'{html.escape(label)}</text></g>')
+    return parts
+
+
+def _interval_plot(plot_id: str, rows: list[tuple[TrialResult, float, float, float]],
+                   lo: float, hi: float, label: str, zero: bool, empty: str) -> str:
+    """Points with interval bars, one row per trial (a forest plot)."""
+    height = TOP + max(1, len(rows)) * ROW_H + BOTTOM
+    width = LEFT + PLOT_W + RIGHT
+    parts = [f'<svg class="plot" id="{plot_id}" '
+             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    if not rows:
+        parts.append(f'<text x="{width / 2}" y="{TOP + 10}" text-anchor="middle">'
+                     f'{html.escape(empty)}</text></svg>')
+        return "".join(parts)
+
+    def x(v: float) -> float:
+        return LEFT + (min(max(v, lo), hi) - lo) / (hi - lo) * PLOT_W
+
+    y_end = TOP + len(rows) * ROW_H
+    parts += _x_axis(lo, hi, x, TOP - 6, y_end, label)
+    if zero:
+        parts.append(f'<line class="zero" x1="{x(0):.1f}" x2="{x(0):.1f}" y1="{TOP - 6}" '
+                     f'y2="{y_end}"/>')
+    for i, (t, value, low, high) in enumerate(rows):
+        y = TOP + i * ROW_H + ROW_H / 2
+        cls = "trial significant" if t.p_holm is not None and t.p_holm <= ALPHA else "trial"
+        name = html.escape(f"{t.id}: {t.label}")
+        parts.append(f'<g class="{cls}" data-trial="{html.escape(t.id)}"><title>{name}: '
+                     f'{value:.3f} {_interval(low, high)}</title>'
+                     f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">'
+                     f'{html.escape(_short(f"{t.id}: {t.label}"))}</text>')
+        if math.isfinite(low) and math.isfinite(high):
+            parts.append(f'<line class="ci" x1="{x(low):.1f}" x2="{x(high):.1f}" '
+                         f'y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(f'<circle class="point" cx="{x(value):.1f}" cy="{y:.1f}" r="4"/></g>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _domain(values: list[float], include_zero: bool) -> tuple[float, float]:
+    """[min, max] of the finite values (and 0), padded by 5 %."""
+    finite = [v for v in values if math.isfinite(v)] + ([0.0] if include_zero else [])
+    lo, hi = min(finite), max(finite)
+    pad = (hi - lo) * 0.05 or max(abs(hi), 1.0) * 0.05
+    return lo - pad, hi + pad
+
+
+def metric_plot(analysis: Analysis) -> str:
+    rows = [(t, t.estimate.value, t.estimate.low, t.estimate.high)
+            for t in analysis.trials if t.estimate is not None]
+    binary = analysis.metric == "accuracy"
+    lo, hi = (0.0, 1.0) if binary or not rows else _domain(
+        [v for r in rows for v in r[1:]], False)
+    return _interval_plot("metric-plot", rows, lo, hi,
+                          f"{analysis.metric} ({analysis.confidence:.0%} CI)", False,
+                          "no trial has results")
+
+
+def diff_plot(analysis: Analysis) -> str:
+    rows = [(t, t.comparison.difference, t.comparison.low, t.comparison.high)
+            for t in analysis.compared]
+    lo, hi = (-1.0, 1.0) if not rows else _domain(
+        [v for r in rows for v in r[1:]], True)
+    if analysis.metric == "accuracy":
+        lo, hi = max(lo, -1.0), min(hi, 1.0)
+    return _interval_plot("diff-plot", rows, lo, hi,
+                          f"difference vs control ({analysis.confidence:.0%} CI; red: "
+                          f"Holm p ≤ {ALPHA})", True, "no treatment has a control with results")
+
+
+MAX_POINTS = 400
+MAX_LEGEND = 20
+
+
+def loss_plot(analysis: Analysis) -> str:
+    curves = [(t, [(i + 1, v) for i, v in enumerate(t.losses) if v is not None])
+              for t in analysis.trials if any(v is not None for v in t.losses)]
+    width, height = LEFT + PLOT_W + RIGHT, 320
+    legend_rows = min(len(curves), MAX_LEGEND) + (len(curves) > MAX_LEGEND)
+    height += legend_rows * 14
+    parts = [f'<svg class="plot" id="loss-plot" '
+             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    if not curves:
+        parts.append(f'<text x="{width / 2}" y="{TOP + 10}" text-anchor="middle">'
+                     'no fine-tuning losses</text></svg>')
+        return "".join(parts)
+    values = [v for _, pts in curves for _, v in pts]
+    steps = max(s for _, pts in curves for s, _ in pts)
+    log = min(values) > 0 and max(values) / min(values) > 50
+    ty = math.log10 if log else (lambda v: v)
+    y_lo, y_hi = ty(min(values)), ty(max(values))
+    if y_hi <= y_lo:
+        y_lo, y_hi = y_lo - 1, y_hi + 1
+    y0, y1 = TOP, TOP + 240
+
+    def x(step: float) -> float:
+        return LEFT + (step - 1) / max(steps - 1, 1) * PLOT_W
+
+    def y(v: float) -> float:
+        return y1 - (ty(v) - y_lo) / (y_hi - y_lo) * (y1 - y0)
+
+    parts.append('<g class="axis">')
+    for tick in _ticks(1, steps):
+        parts.append(f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{y0}" '
+                     f'y2="{y1}"/><text x="{x(tick):.1f}" y="{y1 + 14}" '
+                     f'text-anchor="middle">{tick:g}</text>')
+    for tick in _ticks(y_lo, y_hi):
+        shown = f"{10 ** tick:.3g}" if log else f"{tick:g}"
+        yy = y1 - (tick - y_lo) / (y_hi - y_lo) * (y1 - y0)
+        parts.append(f'<line class="grid" x1="{LEFT}" x2="{LEFT + PLOT_W}" y1="{yy:.1f}" '
+                     f'y2="{yy:.1f}"/><text x="{LEFT - 6}" y="{yy + 4:.1f}" '
+                     f'text-anchor="end">{shown}</text>')
+    parts.append(f'<text x="{LEFT + PLOT_W / 2}" y="{y1 + 30}" text-anchor="middle">'
+                 f'step</text><text x="{LEFT - 50}" y="{y0 - 10}" text-anchor="middle">'
+                 f'loss{" (log scale)" if log else ""}</text></g>')
+    for i, (t, pts) in enumerate(curves):
+        stride = max(1, math.ceil(len(pts) / MAX_POINTS))
+        kept = pts[::stride] if pts[-1] in pts[::stride] else [*pts[::stride], pts[-1]]
+        colour = PALETTE[i % len(PALETTE)]
+        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in kept)
+        parts.append(f'<polyline class="loss-curve" data-trial="{html.escape(t.id)}" '
+                     f'stroke="{colour}" points="{coords}"><title>'
+                     f'{html.escape(f"{t.id}: {t.label}")}</title></polyline>')
+        if i < MAX_LEGEND:
+            ly = y1 + 48 + i * 14
+            parts.append(f'<g class="legend"><line x1="{LEFT}" x2="{LEFT + 20}" y1="{ly - 4}" '
+                         f'y2="{ly - 4}" stroke="{colour}" stroke-width="2"/>'
+                         f'<text x="{LEFT + 26}" y="{ly}">'
+                         f'{html.escape(_short(f"{t.id}: {t.label}", 80))}</text></g>')
+    if len(curves) > MAX_LEGEND:
+        parts.append(f'<text x="{LEFT}" y="{y1 + 48 + MAX_LEGEND * 14}">… and '
+                     f'{len(curves) - MAX_LEGEND} more curves</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def report_html(analysis: Analysis) -> str:
+    e = html.escape
+    headers = "".join(f"<th>{e(h)}</th>" for h in _headers(analysis))
+    body = []
+    for t, cells in zip(analysis.trials, _display_rows(analysis), strict=True):
+        cls = ("missing" if not t.has_results else
+               "significant" if t.p_holm is not None and t.p_holm <= ALPHA else "")
+        tds = "".join(f"<td>{e(c)}</td>" for c in cells)
+        body.append(f'<tr class="{cls}" data-trial="{e(t.id)}">{tds}</tr>')
+    missing = ""
+    if analysis.missing:
+        items = "".join(f"<li>{e(m.describe())}</li>" for m in analysis.missing)
+        missing = f'<h2>Trials without results</h2><ul id="missing">{items}</ul>'
+    summary = "".join(f"<p>{e(line)}</p>" for line in _summary_lines(analysis))
+    if arms := arm_rows(analysis):
+        head = "".join(f"<th>{e(h)}</th>" for h in ARM_HEADERS)
+        cells = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
+                        for row in arms)
+        summary += (f'<h2>Prompt optimization vs fine-tuning</h2><table id="arms">'
+                    f"<thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{e(analysis.experiment)}: results</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>{e(analysis.experiment)}: results</h1>
+{summary}
+<table id="results"><thead><tr>{headers}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table>
+{missing}
+<h2>{e(analysis.metric.capitalize())} per trial</h2>
+{metric_plot(analysis)}
+<h2>Treatments vs their controls</h2>
+{diff_plot(analysis)}
+<h2>Fine-tuning loss</h2>
+{loss_plot(analysis)}
+<h2>Methods</h2>
+<p>{e(METHODS)}</p>
+</body>
+</html>
+"""

@@ -1,0 +1,636 @@
+"""The results store: an experiment's results from disk in SQL tables, for `cruijff analyze`.
+
+Disk is the truth (stage records, Inspect logs, torchtune loss logs); the store is derived from
+it and can always be rebuilt. Loading an experiment replaces all of its rows in one transaction,
+so loading twice gives the same rows, and a failed load leaves the previous ones.
+
+By default the store is a SQLite file in the experiment folder (`results.sqlite`); any
+SQLAlchemy URL works instead (`CRUIJFF_DATABASE_URL`, e.g. a team's PostgreSQL). Experiments
+are keyed by (folder path, name), so one database can hold many.
+
+Tables: experiments, trials (one per trial of the experiment, with its resolved settings),
+stage_runs (one per stage record), metrics (numbers from the records), samples (one per scored
+Inspect sample, epoch and scorer), losses (fine-tune loss per step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    insert,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from cruijff.errors import CruijffError
+from cruijff.experiment import trial_dir_name
+from cruijff.fileio import MAX_INPUT_BYTES, load_yaml_mapping
+from cruijff.state import read_record
+
+SCHEMA_VERSION = "2"
+DEFAULT_FILE = "results.sqlite"
+EVAL_STAGE = "eval"
+FINETUNE_STAGE = "finetune"
+
+__all__ = [
+    "DEFAULT_FILE",
+    "LoadReport",
+    "MissingTrial",
+    "Store",
+    "delete_experiment",
+    "load_experiment_results",
+    "masked_url",
+    "open_store",
+    "rebuild_experiment_results",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StoreInfo(Base):
+    """Key/value facts about the store itself (its schema version)."""
+
+    __tablename__ = "cruijff_store"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+
+
+class ExperimentRow(Base):
+    __tablename__ = "experiments"
+    __table_args__ = (UniqueConstraint("path", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    name: Mapped[str] = mapped_column(String(200))
+    task: Mapped[str | None] = mapped_column(String(200))
+    created: Mapped[str | None] = mapped_column(String(64))
+    loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TrialRow(Base):
+    __tablename__ = "trials"
+    __table_args__ = (UniqueConstraint("experiment_id", "trial_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    trial_id: Mapped[str] = mapped_column(String(32))
+    position: Mapped[int] = mapped_column(Integer)
+    """Order in the experiment (a, b, ..., z, aa, ...)."""
+    label: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(300))
+    dataset: Mapped[str] = mapped_column(String(300))
+    control: Mapped[str | None] = mapped_column(String(32))
+    """Id of this trial's control trial (None for a control trial)."""
+    use_fine_tune: Mapped[bool] = mapped_column(Boolean)
+    use_prompt_opt: Mapped[bool] = mapped_column(Boolean, default=False)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    treatment: Mapped[dict[str, Any]] = mapped_column(JSON)
+    eval_status: Mapped[str] = mapped_column(String(32))
+    """'done' when its samples are loaded, else why not: pending, running, failed, unreadable."""
+    eval_detail: Mapped[str | None] = mapped_column(Text)
+    eval_log: Mapped[str | None] = mapped_column(Text)
+    """The Inspect log the samples came from, relative to the trial folder."""
+    scorer: Mapped[str | None] = mapped_column(String(200))
+    """The log's primary scorer (the first in its results): the trial's metric."""
+
+
+class StageRunRow(Base):
+    __tablename__ = "stage_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_pk: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    where: Mapped[str | None] = mapped_column(String(300))
+    key: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str] = mapped_column(String(64))
+    started: Mapped[str | None] = mapped_column(String(64))
+    finished: Mapped[str | None] = mapped_column(String(64))
+    reused_from: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class MetricRow(Base):
+    __tablename__ = "metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_pk: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+class SampleRow(Base):
+    __tablename__ = "samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_pk: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
+    scorer: Mapped[str] = mapped_column(String(200))
+    sample_id: Mapped[str] = mapped_column(String(300))
+    epoch: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    answer: Mapped[str | None] = mapped_column(Text)
+    target: Mapped[str | None] = mapped_column(Text)
+
+
+class LossRow(Base):
+    __tablename__ = "losses"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_pk: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    """None where the logged loss was not finite (nan/inf)."""
+
+
+CHILD_TABLES = (StageRunRow, MetricRow, SampleRow, LossRow)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password replaced by ***, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        return urlunsplit(parts._replace(
+            netloc=f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"))
+
+
+def normalize_url(url: str) -> str:
+    """PostgreSQL URLs go through psycopg 3 (sync): `postgresql://`, `postgres://` and the
+    asyncpg form Prefect uses (`postgresql+asyncpg://`) all mean the same database."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+@dataclass
+class Store:
+    """An open results store. Use as a context manager, or call close()."""
+
+    engine: Engine
+    url: str
+    """Masked (no password): safe to print."""
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session whose work is committed at the end of the block (rolled back on error)."""
+        with Session(self.engine) as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def default_url(experiment_path: Path) -> str:
+    return f"sqlite:///{Path(experiment_path).resolve() / DEFAULT_FILE}"
+
+
+def open_store(url: str | None, experiment_path: Path | None = None) -> Store:
+    """Open (and create or upgrade) the store at `url`; None means the setting
+    `database_url` (CRUIJFF_DATABASE_URL), else `<experiment_path>/results.sqlite`."""
+    if url is None:
+        from cruijff.settings import CruijffSettings
+
+        url = CruijffSettings().database_url
+    if url is None:
+        if experiment_path is None:
+            raise CruijffError("no results database: give a database URL or an experiment")
+        url = default_url(experiment_path)
+    url = normalize_url(url)
+    shown = masked_url(url)
+    try:
+        engine = create_engine(url)
+    except ImportError as exc:
+        raise CruijffError(f"cannot use results database {shown}: {exc} (for PostgreSQL: "
+                           "pip install 'cruijff[postgres]')") from None
+    except ArgumentError as exc:
+        raise CruijffError(f"cannot use results database {shown}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        _prepare_schema(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise CruijffError(f"cannot open results database {shown}: {reason}") from None
+    return Store(engine, shown)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _prepare_schema(engine: Engine) -> None:
+    """Create the tables; tables of another schema version are dropped and made again
+    (the store is derived data: `analyze` loads what it needs from disk)."""
+    names = set(inspect(engine).get_table_names())
+    if StoreInfo.__tablename__ in names:
+        with Session(engine) as session:
+            info = session.get(StoreInfo, "schema_version")
+            version = info.value if info else None
+        if version != SCHEMA_VERSION:
+            Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        if session.get(StoreInfo, "schema_version") is None:
+            session.add(StoreInfo(key="schema_version", value=SCHEMA_VERSION))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class MissingTrial:
+    """A trial without results: its eval is pending, running, failed, or its log unreadable."""
+
+    id: str
+    label: str
+    reason: str
+    detail: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.id} ({self.label}): {self.reason}" + (
+            f": {self.detail}" if self.detail else "")
+
+
+@dataclass
+class LoadReport:
+    experiment: str
+    path: Path
+    experiment_pk: int
+    trials: int
+    loaded: list[str] = field(default_factory=list)
+    """Ids of the trials whose samples were loaded."""
+    missing: list[MissingTrial] = field(default_factory=list)
+    samples: int = 0
+    losses: int = 0
+    duration_s: float = 0.0
+
+
+def _experiment_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
+                           "build one with `cruijff build`")
+    data = _load_experiment_yaml(config_file)
+    if "trials" not in data or "name" not in data:
+        raise CruijffError(f"{config_file} is not an experiment config written by cruijff build")
+    return data
+
+
+if hasattr(yaml, "CSafeLoader"):
+    class _FastLoader(yaml.CSafeLoader):  # type: ignore[name-defined,misc]
+        """libyaml's safe loader with cruijff's float rule (see fileio._StrictLoader)."""
+
+    _FastLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+        list("-+0123456789."),
+    )
+else:  # pragma: no cover  (PyYAML without libyaml)
+    _FastLoader = None
+
+
+def _load_experiment_yaml(config_file: Path) -> dict[str, Any]:
+    """The experiment's config.yaml, as fileio.load_yaml_mapping reads it, but with libyaml:
+    the pure-Python loader takes seconds for a thousand trials. Aliases are refused as there:
+    an alias makes two places share one object, which is checked after loading."""
+    if _FastLoader is None or config_file.stat().st_size > MAX_INPUT_BYTES:
+        return load_yaml_mapping(config_file, "experiment config")
+    try:
+        data = yaml.load(config_file.read_text(encoding="utf-8"), Loader=_FastLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return load_yaml_mapping(config_file, "experiment config")  # its error message
+    if not isinstance(data, dict) or _shares_objects(data):
+        return load_yaml_mapping(config_file, "experiment config")
+    return data
+
+
+def _shares_objects(data: Any) -> bool:
+    """Whether a list or dict occurs twice in the tree (what a YAML alias produces)."""
+    seen: set[int] = set()
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict | list):
+            if id(item) in seen:
+                return True
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return False
+
+
+def delete_experiment(session: Session, path: Path, name: str) -> bool:
+    """Remove one experiment's rows; True if it was there."""
+    pk = session.scalar(select(ExperimentRow.id).where(
+        ExperimentRow.path == str(path), ExperimentRow.name == name))
+    if pk is None:
+        return False
+    trial_pks = select(TrialRow.id).where(TrialRow.experiment_id == pk).scalar_subquery()
+    for table in CHILD_TABLES:
+        session.execute(delete(table).where(table.trial_pk.in_(trial_pks)))
+    session.execute(delete(TrialRow).where(TrialRow.experiment_id == pk))
+    session.execute(delete(ExperimentRow).where(ExperimentRow.id == pk))
+    return True
+
+
+def load_experiment_results(store: Store, experiment: Path) -> LoadReport:
+    """Load an experiment's results from disk, replacing whatever the store held for it."""
+    started = time.perf_counter()
+    path = Path(experiment).expanduser().resolve()
+    config = _experiment_config(path)
+    name = str(config["name"])
+    trials = list(config["trials"])
+    # Read everything from disk first: the transaction then only writes.
+    gathered = [_gather_trial(path, entry) for entry in trials]
+    with_logs = [g for g in gathered if g.log is not None]
+    for trial, scores in zip(with_logs, _read_logs([g.log for g in with_logs]), strict=True):
+        _apply_scores(trial, scores)
+    report = LoadReport(name, path, 0, len(trials))
+    try:
+        with store.session() as session:
+            delete_experiment(session, path, name)
+            exp = ExperimentRow(path=str(path), name=name, task=config.get("task"),
+                                created=_text(config.get("created")),
+                                loaded_at=datetime.now(UTC))
+            session.add(exp)
+            session.flush()
+            report.experiment_pk = exp.id
+            rows: dict[type[Base], list[dict[str, Any]]] = {t: [] for t in CHILD_TABLES}
+            for position, trial in enumerate(gathered):
+                row = TrialRow(experiment_id=exp.id, position=position, **trial.columns)
+                session.add(row)
+                session.flush()
+                for table, children in trial.children.items():
+                    rows[table].extend({"trial_pk": row.id, **child} for child in children)
+                if trial.missing is None:
+                    report.loaded.append(trial.columns["trial_id"])
+                else:
+                    report.missing.append(trial.missing)
+            for table, children in rows.items():
+                if children:
+                    session.execute(insert(table), children)
+            report.samples = len(rows[SampleRow])
+            report.losses = len(rows[LossRow])
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise CruijffError(f"cannot write results to {store.url}: {reason}") from None
+    report.duration_s = time.perf_counter() - started
+    return report
+
+
+def rebuild_experiment_results(store: Store, experiment: Path) -> LoadReport:
+    """Drop the experiment's rows, then load it again from disk.
+
+    (Loading already replaces them; this is the explicit form, in two transactions.)"""
+    path = Path(experiment).expanduser().resolve()
+    name = str(_experiment_config(path)["name"])
+    with store.session() as session:
+        delete_experiment(session, path, name)
+    return load_experiment_results(store, path)
+
+
+@dataclass
+class _Gathered:
+    columns: dict[str, Any]
+    children: dict[type[Base], list[dict[str, Any]]]
+    missing: MissingTrial | None
+    log: Path | None = None
+    """The eval log to read its samples from."""
+
+    def set_missing(self, reason: str, detail: str | None) -> None:
+        self.columns["eval_status"], self.columns["eval_detail"] = reason, detail
+        self.missing = MissingTrial(self.columns["trial_id"], self.columns["label"], reason,
+                                    detail)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (bools count as 0/1; anything else non-numeric is None)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        x = float(value)
+        return x if math.isfinite(x) else None
+    return None
+
+
+def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
+    """A trial's rows from its records and loss log; its eval log is read later, with all
+    the others (see _read_logs)."""
+    trial_id = str(entry["id"])
+    trial_dir = path / trial_dir_name(trial_id)
+    label = str(entry.get("label") or ("control" if not entry.get("treatment") else trial_id))
+    stages = list(entry.get("stages") or [FINETUNE_STAGE, EVAL_STAGE])
+    records = {stage: read_record(trial_dir, stage) for stage in stages}
+    children: dict[type[Base], list[dict[str, Any]]] = {t: [] for t in CHILD_TABLES}
+    for stage, record in records.items():
+        if record is None:
+            continue
+        children[StageRunRow].append({
+            "stage": stage, "status": record.status, "attempts": record.attempts,
+            "duration_s": _number(record.duration_s), "where": record.where, "key": record.key,
+            "run_id": record.run_id, "started": record.started, "finished": record.finished,
+            "reused_from": record.reused_from, "error": record.error,
+        })
+        for metric, value in record.metrics.items():
+            children[MetricRow].append({"stage": stage, "name": str(metric),
+                                        "value": _number(value)})
+
+    finetune = records.get(FINETUNE_STAGE)
+    if finetune is not None and finetune.is_done:
+        owner = trial_dir
+        if finetune.reused_from:  # a shared fine-tune: its logs are in the trial that ran it
+            owner = path / trial_dir_name(finetune.reused_from)
+        from cruijff.stages.finetune import training_losses
+
+        children[LossRow] = [{"step": step, "loss": _number(loss)}
+                             for step, loss in enumerate(training_losses(owner / "logs" /
+                                                                         "finetune"), 1)]
+
+    columns: dict[str, Any] = {
+        "trial_id": trial_id, "label": label, "model": str(entry.get("model", "")),
+        "dataset": str(entry.get("dataset", "")), "control": _text(entry.get("control")),
+        "use_fine_tune": bool(entry.get("use_fine_tune", FINETUNE_STAGE in stages)),
+        "use_prompt_opt": bool(entry.get("use_prompt_opt", "prompt_opt" in stages)),
+        "settings": dict(entry.get("settings") or {}),
+        "treatment": dict(entry.get("treatment") or {}),
+        "eval_status": "pending", "eval_detail": None, "eval_log": None, "scorer": None,
+    }
+    gathered = _Gathered(columns, children, None)
+    record = records.get(EVAL_STAGE)
+    if record is None:
+        gathered.set_missing("pending", "no eval record yet")
+    elif record.status == "running":
+        gathered.set_missing("running", f"since {record.started}" if record.started else None)
+    elif record.status == "failed":
+        error = (record.error or "").strip().splitlines()
+        gathered.set_missing("failed", error[-1] if error else None)
+    elif not record.outputs:
+        gathered.set_missing("unreadable", "the eval record names no log")
+    else:
+        columns["eval_log"] = record.outputs[0]
+        gathered.log = trial_dir / record.outputs[0]
+    return gathered
+
+
+def _apply_scores(gathered: _Gathered, scores: tuple[str | None, list[dict[str, Any]]] |
+                  BaseException) -> None:
+    log = gathered.log
+    if isinstance(scores, BaseException):  # a truncated zip, a log of a newer Inspect, ...
+        gathered.set_missing("unreadable", f"{log}: {type(scores).__name__}: {scores}")
+        return
+    scorer, samples = scores
+    if not samples:
+        gathered.set_missing("unreadable", f"{log} has no scored samples")
+        return
+    gathered.columns["eval_status"], gathered.columns["scorer"] = "done", scorer
+    gathered.children[SampleRow] = samples
+
+
+LogScores = tuple[str | None, list[dict[str, Any]]]
+
+
+def _read_logs(paths: list[Path]) -> list[LogScores | BaseException]:
+    """read_scores for many logs, in one event loop (Inspect's sync readers start one per
+    call, which costs more than reading a small log)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_read_logs_async(paths))
+    results: list[LogScores | BaseException] = []
+    for log in paths:  # inside a running loop (a notebook): Inspect's sync readers nest
+        try:
+            results.append(read_scores(log))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+async def _read_logs_async(paths: list[Path]) -> list[LogScores | BaseException]:
+    limit = asyncio.Semaphore(8)
+
+    async def one(log: Path) -> LogScores | BaseException:
+        async with limit:
+            try:
+                return await read_scores_async(log)
+            except Exception as exc:
+                return exc
+
+    return list(await asyncio.gather(*(one(log) for log in paths)))
+
+
+def read_scores(log_path: Path) -> LogScores:
+    """(primary scorer, sample rows) of a successful Inspect log (see _score_rows)."""
+    from inspect_ai.log import read_eval_log, read_eval_log_sample_summaries
+
+    if not log_path.is_file():
+        raise FileNotFoundError("the log file is missing")
+    header = read_eval_log(str(log_path), header_only=True)
+    summaries = (read_eval_log_sample_summaries(str(log_path))
+                 if header.status == "success" else [])
+    return _score_rows(header, summaries)
+
+
+async def read_scores_async(log_path: Path) -> LogScores:
+    from inspect_ai.log import read_eval_log_async, read_eval_log_sample_summaries_async
+
+    if not log_path.is_file():
+        raise FileNotFoundError("the log file is missing")
+    header = await read_eval_log_async(str(log_path), header_only=True)
+    summaries = (await read_eval_log_sample_summaries_async(str(log_path))
+                 if header.status == "success" else [])
+    return _score_rows(header, summaries)
+
+
+def _score_rows(header: Any, summaries: list[Any]) -> LogScores:
+    """Every scorer's value per sample (a dict value as one scorer per key); CORRECT/INCORRECT
+    and the like become numbers with Inspect's value_to_float (C=1, I=0, P=0.5, N=0). Samples
+    that errored (no scores) are left out. Only a log whose status is success counts."""
+    from inspect_ai.scorer import value_to_float
+
+    if header.status != "success":
+        raise ValueError(f"log status is {header.status}, not success")
+    scorers = [s.name for s in header.results.scores] if header.results else []
+    to_float = value_to_float()
+    rows: list[dict[str, Any]] = []
+    for sample in summaries:
+        if sample.error or not sample.scores:
+            continue
+        target = sample.target if isinstance(sample.target, str) else "\n".join(sample.target)
+        for scorer, score in sample.scores.items():
+            values = (score.value.items() if isinstance(score.value, dict)
+                      else [(None, score.value)])
+            for key, value in values:
+                if isinstance(value, list | tuple) or value is None:
+                    continue
+                number = _number(to_float(value))
+                if number is None:
+                    continue
+                rows.append({
+                    "scorer": scorer if key is None else f"{scorer}/{key}",
+                    "sample_id": str(sample.id), "epoch": int(sample.epoch), "score": number,
+                    "answer": _text(score.answer), "target": target,
+                })
+    present = list(dict.fromkeys(row["scorer"] for row in rows))
+    primary = next((s for s in scorers if s in present), present[0] if present else None)
+    return primary, rows

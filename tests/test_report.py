@@ -1,0 +1,219 @@
+"""`analyze`: numbers from the store, the report files, partial experiments (synthetic
+experiments: real Inspect logs and stage records, nothing trained or evaluated)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from postgres_support import fresh_database, require_postgres
+from results_support import SyntheticTrial, make_experiment
+from rich.console import Console
+
+from cruijff.analysis import compare, holm, mean_estimate
+from cruijff.errors import CruijffError
+from cruijff.report import CSV_COLUMNS, analysis_table, analyze
+
+A = [1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1]
+B = [1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+C = [0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0]
+D = [1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0]
+
+
+def ids(n: int) -> list[str]:
+    return [f"s{i:03d}" for i in range(n)]
+
+
+def standard_trials() -> list[SyntheticTrial]:
+    return [
+        SyntheticTrial("a", scores=A, losses=[3.0, 2.0, 1.2, 0.7, 0.4]),
+        SyntheticTrial("b", scores=B, control="a", treatment={"finetune.epochs": 3},
+                       losses=[3.0, 1.5, 0.5, 0.1]),
+        SyntheticTrial("c", scores=C, control="a", treatment={"use_fine_tune": False}),
+        # scored on one sample fewer: pairs only on the common ids
+        SyntheticTrial("d", scores=D[:-1], sample_ids=ids(11), control="a",
+                       treatment={"finetune.lr": 0.1}, losses=[3.0, 2.5, 2.4]),
+        SyntheticTrial("e", control="a", treatment={"eval.split": "nope"},
+                       eval_status="failed"),
+    ]
+
+
+def by_id(values: list[float], sample_ids: list[str] | None = None) -> dict[str, float]:
+    return dict(zip(sample_ids or ids(len(values)), map(float, values), strict=True))
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
+        return {row["id"]: row for row in reader}
+
+
+def close(text: str, expected: float) -> bool:
+    return math.isclose(float(text), expected, rel_tol=1e-12, abs_tol=1e-15)
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    return make_experiment(tmp_path / "exp", standard_trials())
+
+
+def test_csv_numbers_match_the_statistics(experiment: Path) -> None:
+    analysis = analyze(experiment)
+    rows = read_csv(experiment / "report" / "results.csv")
+    assert list(rows) == ["a", "b", "c", "d", "e"]
+
+    control = by_id(A)
+    expected = {
+        "b": compare(by_id(B), control),
+        "c": compare(by_id(C), control),
+        "d": compare(by_id(D[:-1], ids(11)), control),
+    }
+    adjusted = dict(zip(expected, holm([c.p_value for c in expected.values()]), strict=True))
+    for trial_id, comparison in expected.items():
+        row = rows[trial_id]
+        assert close(row["diff_vs_control"], comparison.difference)
+        assert close(row["diff_low"], comparison.low)
+        assert close(row["diff_high"], comparison.high)
+        assert close(row["p"], comparison.p_value)
+        assert close(row["p_holm"], adjusted[trial_id])
+        assert row["method"] == "mcnemar-exact" and row["control"] == "a"
+        assert int(row["n_pairs"]) == comparison.n
+    assert rows["d"]["n_pairs"] == "11" and rows["d"]["n"] == "11"
+
+    for trial_id, scores in {"a": A, "b": B, "c": C}.items():
+        estimate = mean_estimate([float(s) for s in scores])
+        row = rows[trial_id]
+        assert close(row["metric"], estimate.value)
+        assert close(row["ci_low"], estimate.low) and close(row["ci_high"], estimate.high)
+        assert row["n"] == "12" and row["ci_method"] == "wilson" and row["status"] == "ok"
+    assert rows["a"]["diff_vs_control"] == "" and rows["a"]["control"] == ""
+
+    # final loss from the loss log; wall time is the sum of the stage durations
+    assert close(rows["a"]["final_loss"], 0.4) and close(rows["b"]["final_loss"], 0.1)
+    assert rows["c"]["final_loss"] == ""
+    assert close(rows["a"]["wall_s"], 5.0) and close(rows["c"]["wall_s"], 2.0)
+    assert analysis.metric == "accuracy"
+    assert [t.id for t in analysis.compared] == ["b", "c", "d"]
+
+
+def test_partial_experiment_names_the_missing_trial(experiment: Path) -> None:
+    analysis = analyze(experiment)
+    assert [(m.id, m.reason) for m in analysis.missing] == [("e", "failed")]
+    rows = read_csv(experiment / "report" / "results.csv")
+    assert rows["e"]["status"] == "failed" and rows["e"]["metric"] == ""
+    markdown = (experiment / "report" / "report.md").read_text()
+    assert "## Trials without results" in markdown
+    assert "e (eval.split=nope): failed" in markdown
+    page = (experiment / "report" / "report.html").read_text()
+    assert re.search(r'<ul id="missing"><li>e \(eval.split=nope\): failed', page)
+    assert "4 of 5 trials have results." in markdown
+
+
+def test_treatment_whose_control_failed_is_not_compared(tmp_path: Path) -> None:
+    experiment = make_experiment(tmp_path / "exp", [
+        SyntheticTrial("a", eval_status="failed"),
+        SyntheticTrial("b", scores=B, control="a", treatment={"x": 1}),
+    ])
+    analysis = analyze(experiment, formats={"csv"})
+    b = analysis.trials[1]
+    assert b.comparison is None and b.note == "control a has no results"
+    assert [f.name for f in analysis.files] == ["results.csv"]
+    assert not (experiment / "report" / "report.html").exists()
+
+
+def test_no_results_at_all_is_an_error(tmp_path: Path) -> None:
+    experiment = make_experiment(tmp_path / "exp", [
+        SyntheticTrial("a", eval_status="running"), SyntheticTrial("b", eval_status=None)])
+    with pytest.raises(CruijffError, match=r"no results yet.*a \(control\): running"):
+        analyze(experiment)
+
+
+def test_unknown_format_and_not_an_experiment(experiment: Path, tmp_path: Path) -> None:
+    with pytest.raises(CruijffError, match="unknown report format 'pdf'"):
+        analyze(experiment, formats={"pdf", "csv"})
+    with pytest.raises(CruijffError, match="not a cruijff experiment"):
+        analyze(tmp_path)
+
+
+def test_html_is_self_contained_with_three_plots(experiment: Path, tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere"
+    analysis = analyze(experiment, output=out)
+    assert analysis.report_dir == out.resolve()
+    page = (out / "report.html").read_text()
+    assert not re.search(r"""(?:src|href|xlink:href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    assert "url(" not in page  # no fonts or images pulled in by CSS
+    plots = re.findall(r'<svg class="plot" id="([a-z-]+)"', page)
+    assert plots == ["metric-plot", "diff-plot", "loss-plot"]
+    metric, diff, loss = (page.split(f'id="{p}"')[1].split("</svg>")[0] for p in plots)
+    assert metric.count('class="point"') == 4  # a, b, c, d (e failed)
+    assert metric.count('class="ci"') == 4
+    assert diff.count('class="point"') == 3 and diff.count('class="zero"') == 1
+    assert loss.count('class="loss-curve"') == 3  # a, b, d were fine-tuned
+    assert re.findall(r'class="loss-curve" data-trial="(\w+)"', loss) == ["a", "b", "d"]
+
+
+def test_labels_are_escaped(tmp_path: Path) -> None:
+    experiment = make_experiment(tmp_path / "exp", [
+        SyntheticTrial("a", scores=A),
+        SyntheticTrial("b", scores=B, control="a", treatment={"eval.p": "<script>x</script>"}),
+    ])
+    analyze(experiment, formats={"html"})
+    page = (experiment / "report" / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_non_binary_scores_use_the_bootstrap(tmp_path: Path) -> None:
+    a = [0.5, 0.25, 1.0, 0.75, 0.0, 0.5]
+    b = [0.75, 0.5, 1.0, 1.0, 0.25, 0.75]
+    experiment = make_experiment(tmp_path / "exp", [
+        SyntheticTrial("a", scores=a),
+        SyntheticTrial("b", scores=b, control="a", treatment={"x": 1}),
+    ])
+    analysis = analyze(experiment, formats={"csv"})
+    assert analysis.metric == "mean score"
+    row = read_csv(experiment / "report" / "results.csv")["b"]
+    expected = compare(by_id(b), by_id(a))
+    assert row["method"] == "paired-bootstrap" and close(row["p"], expected.p_value)
+    assert close(row["diff_low"], expected.low)
+    assert read_csv(experiment / "report" / "results.csv")["a"]["ci_method"] == "bootstrap"
+
+
+def test_epochs_are_averaged_per_sample(tmp_path: Path) -> None:
+    experiment = make_experiment(tmp_path / "exp", [SyntheticTrial("a", scores=A, epochs=3)])
+    analysis = analyze(experiment, formats=set())
+    estimate = analysis.trials[0].estimate
+    assert estimate is not None and estimate.n == 12  # samples, not sample-epochs
+    assert estimate.value == pytest.approx(sum(A) / 12)
+    assert analysis.files == []
+
+
+def test_json_and_table(experiment: Path) -> None:
+    analysis = analyze(experiment, formats=set())
+    data = json.loads(analysis.to_json())  # strict JSON: no NaN
+    assert data["experiment"] == "exp" and data["metric"] == "accuracy"
+    assert [t["id"] for t in data["trials"]] == ["a", "b", "c", "d", "e"]
+    assert data["missing"] == [{"id": "e", "label": "eval.split=nope", "reason": "failed",
+                                "detail": "ValueError: no split 'nope'"}]
+    assert data["trials"][1]["vs_control"]["method"] == "mcnemar-exact"
+    console = Console(record=True, width=200)
+    console.print(analysis_table(analysis))
+    text = console.export_text()
+    assert "finetune.epochs=3" in text and "failed" in text and "(control)" in text
+
+
+def test_analyze_on_postgresql_matches_sqlite(experiment: Path) -> None:
+    require_postgres()
+    analyze(experiment, output=experiment / "sqlite-report", formats={"csv"})
+    with fresh_database("cruijff_report") as db:
+        analysis = analyze(experiment, output=experiment / "pg-report", formats={"csv"},
+                           database_url=db.url)
+    assert analysis.store_url.startswith("postgresql+psycopg://")
+    assert (experiment / "pg-report" / "results.csv").read_text() == (
+        experiment / "sqlite-report" / "results.csv").read_text()
