@@ -36,7 +36,13 @@ _StrictLoader.add_implicit_resolver(
     list("-+0123456789."),
 )
 
-_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+    """Never writes aliases: cruijff's own files must load with the strict loader, and a
+    value shared between trials (one controls list) would otherwise become &id001/*id001."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
 
 
 def _read_text(path: Path, what: str) -> str:

@@ -147,3 +147,18 @@ def test_ids_and_order_are_deterministic():
     first = build()
     assert first == build()
     assert len(first) == 4 + 12 and first[-1][0] == "p"
+
+
+def test_a_list_control_shared_by_trials_is_written_without_yaml_aliases(cli, project):
+    """One controls list ends up in every trial: the files must still load strictly."""
+    result = cli("build", "--config-path", project.config, "--task", "toy",
+                 "--model", "cruijff/tiny-llama-random", "--dataset", "d.json",
+                 "--controls", '{"finetune.model.lora_attn_modules": ["q_proj", "v_proj"]}',
+                 "--treatment", "finetune.model.lora_rank=4", "--name", "e",
+                 cwd=project.experiments)
+    assert result.code == 0, result.err
+    from cruijff.runner import load_experiment
+
+    text = (project.experiments / "e" / "config.yaml").read_text()
+    assert "&id" not in text and "*id" not in text
+    assert len(load_experiment(project.experiments / "e").trials) == 2
