@@ -10,6 +10,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,6 +177,15 @@ def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
+def _next_log(folder: Path, stage: str) -> Path:
+    """A new log file per execution, numbered on from the last one: never overwrites the
+    log of an earlier execution (one with another key, say)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in folder.glob(f"{stage}-attempt*.log")
+               if (m := re.fullmatch(rf"{re.escape(stage)}-attempt(\d+)\.log", p.name))]
+    return folder / f"{stage}-attempt{max(numbers, default=0) + 1}.log"
+
+
 def execute_stage(trial: Trial, stage: str, key: str, *,
                   threads: int | None = None) -> StageRecord:
     """Run one stage's command, verify its outputs, and record the outcome atomically."""
@@ -185,8 +195,7 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
     history = [*previous.history, {"attempt": previous.attempts, "status": previous.status,
                                    "where": previous.where, "error": previous.error}
                ] if retry else []
-    log = trial.dir / "logs" / f"{stage}-attempt{attempts}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = _next_log(trial.dir / "logs", stage)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
