@@ -48,6 +48,7 @@ class SyntheticTrial:
     eval_duration_s: float = 2.0
     finetune_duration_s: float = 3.0
     finetune_reused_from: str | None = None
+    use_prompt_opt: bool = False
 
     @property
     def label(self) -> str:
@@ -64,7 +65,7 @@ def make_experiment(path: Path, trials: Sequence[SyntheticTrial], name: str | No
         stages = (["finetune"] if trial.losses or trial.finetune_reused_from else []) + ["eval"]
         entry = {
             "id": trial.id, "model": MODEL, "dataset": DATASET,
-            "use_fine_tune": "finetune" in stages, "use_prompt_opt": False,
+            "use_fine_tune": "finetune" in stages, "use_prompt_opt": trial.use_prompt_opt,
             "settings": {"eval.limit": 100, **trial.treatment}, "treatment": trial.treatment,
             "control": trial.control, "label": trial.label, "stages": stages,
         }

@@ -176,3 +176,18 @@ def test_eval_keys_reach_task_args_and_generate(cli, project):
     evaluation = load(project.experiments / "e" / "trial-b" / "eval.yaml")
     assert evaluation["task_args"]["shots"] == 3
     assert evaluation["generate"]["max_tokens"] == 5
+
+
+def test_eval_checkpoint_picks_an_epoch_of_the_fine_tune(cli, project):
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--treatment", "eval.checkpoint=epoch_0", "--name", "e",
+                 cwd=project.experiments)
+    assert result.code == 0, result.err
+    control = load(project.experiments / "e" / "trial-a" / "eval.yaml")
+    early = load(project.experiments / "e" / "trial-b" / "eval.yaml")
+    assert control["checkpoint"] == "final" and control["model"].endswith("/checkpoints/final")
+    assert early["checkpoint"] == "epoch_0" and early["model"].endswith("/checkpoints/epoch_0")
+    bad = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+              "--dataset", "d.json", "--treatment", "eval.checkpoint=../x", "--name", "f",
+              cwd=project.experiments)
+    assert bad.code == 2 and "must be 'final' or 'epoch_<N>'" in bad.err

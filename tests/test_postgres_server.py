@@ -193,3 +193,26 @@ def test_ensure_api_refuses_a_running_server_on_another_database(db, tmp_path):
     assert "already running" in proc.stderr and "stop it first" in proc.stderr
     assert db.url.replace(db.password, "***") in proc.stderr
     assert db.password not in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_a_three_trial_experiment_runs_on_the_postgresql_server(db, pg_server, pg_home,
+                                                               tmp_path, tiny_random_model):
+    """The same kind of experiment as the other run tests, its flow runs kept in PostgreSQL."""
+    from conftest import cruijff, make_site
+
+    (tmp_path / "site").mkdir()
+    site = make_site(tmp_path / "site", tiny_random_model)
+    env = _clean_env(tmp_path, CRUIJFF_HOME=str(pg_home), PREFECT_API_URL=pg_server.url,
+                     HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+                     HF_DATASETS_CACHE=str(tmp_path / "hf"))
+    result = cruijff("run", "--local", "--config-path", site / "config.yaml", "--root", site,
+                     "--name", "onpg", "--task", "capitalization",
+                     "--dataset", "words_5L_80_1000.json", "--model", "cruijff/tiny-llama-random",
+                     "--control", "use_fine_tune=false", "--treatments",
+                     '{"eval.limit": [1, 2]}', env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = query(db.url, "SELECT name, state_type::text FROM flow_run "
+                         "WHERE tags ? 'exp:onpg' ORDER BY name")
+    assert rows == [("onpg", "COMPLETED"), ("onpg/trial-a", "COMPLETED"),
+                    ("onpg/trial-b", "COMPLETED"), ("onpg/trial-c", "COMPLETED")]

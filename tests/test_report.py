@@ -217,3 +217,28 @@ def test_analyze_on_postgresql_matches_sqlite(experiment: Path) -> None:
     assert analysis.store_url.startswith("postgresql+psycopg://")
     assert (experiment / "pg-report" / "results.csv").read_text() == (
         experiment / "sqlite-report" / "results.csv").read_text()
+
+
+def test_prompt_opt_vs_fine_tune_vs_both_when_the_design_has_them(tmp_path):
+    """The four arms of use_fine_tune x use_prompt_opt, each with its best trial."""
+    from cruijff.report import analyze
+
+    trials = [
+        SyntheticTrial("a", [1] * 8 + [0] * 2, losses=[2.0, 1.0]),
+        SyntheticTrial("b", [0] * 10, control="a", treatment={"use_fine_tune": False}),
+        SyntheticTrial("c", [1] * 5 + [0] * 5, control="a", use_prompt_opt=True,
+                       treatment={"use_fine_tune": False, "use_prompt_opt": True}),
+        SyntheticTrial("d", [1] * 10, control="a", losses=[2.0, 0.5], use_prompt_opt=True,
+                       treatment={"use_prompt_opt": True}),
+    ]
+    exp = make_experiment(tmp_path / "arms", trials)
+    analysis = analyze(exp, formats={"md", "html"})
+    markdown = (exp / "report" / "report.md").read_text()
+    section = markdown.split("## Prompt optimization vs fine-tuning")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0].strip("| ") for r in rows[1:]] == [
+        "base", "prompt-opt", "fine-tune", "both"]
+    assert "0.500" in rows[2] and "1.000" in rows[4]
+    assert 'id="arms"' in (exp / "report" / "report.html").read_text()
+    assert {t.id: t.arm for t in analysis.trials} == {
+        "a": "fine-tune", "b": "base", "c": "prompt-opt", "d": "both"}

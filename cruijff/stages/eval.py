@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from cruijff.stages import (
 )
 from cruijff.stages.finetune import FINAL_CHECKPOINT
 
-EDITABLE = ("task_args", "model_args", "generate", "limit")
+EDITABLE = ("task_args", "model_args", "generate", "limit", "checkpoint")
 """Top-level eval.yaml keys a user may set (the rest are cruijff's bookkeeping)."""
 
 
@@ -89,6 +90,8 @@ class EvalStage(Stage):
             "limit": None,
             "log_dir": str(ctx.trial_dir / "logs" / "eval"),
         }
+        if ctx.trial.use_fine_tune:  # which epoch's checkpoint: final (the last) or epoch_<N>
+            config["checkpoint"] = Path(FINAL_CHECKPOINT).name
         if ctx.config.eval_config is not None:
             user = load_yaml_mapping(ctx.config.eval_config, "eval_config file")
             for key, value in user.items():
@@ -167,6 +170,15 @@ class EvalStage(Stage):
                     f"field{did_you_mean(rest, fields)}"
                 )
             config["generate"][rest] = value
+        elif head == "checkpoint" and not rest:
+            if "checkpoint" not in config:
+                raise CruijffError(f"eval key 'checkpoint' ({source}): trial "
+                                   f"{ctx.trial.id} does not fine-tune")
+            if not isinstance(value, str) or not re.fullmatch(r"final|epoch_\d+", value):
+                raise CruijffError(f"eval key 'checkpoint' ({source}) must be 'final' or "
+                                   f"'epoch_<N>', not {value!r}")
+            config["checkpoint"] = value
+            config["model"] = f"hf/{ctx.trial_dir / Path(FINAL_CHECKPOINT).parent / value}"
         elif head == "limit" and not rest:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise CruijffError(f"eval key 'limit' ({source}) must be an integer")
@@ -174,5 +186,6 @@ class EvalStage(Stage):
         else:
             raise CruijffError(
                 f"unknown eval key '{key}' ({source}){did_you_mean(head, EDITABLE)}: use "
-                "task_args.<arg>, model_args.<arg>, generate.<field>, limit, or a task argument"
+                "task_args.<arg>, model_args.<arg>, generate.<field>, limit, checkpoint, or a "
+                "task argument"
             )
