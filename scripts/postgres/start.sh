@@ -12,6 +12,7 @@
 # The password is a well-known dev/CI one: this server must never listen beyond 127.0.0.1.
 # Env: CRUIJFF_POSTGRES_WAIT (seconds to wait for the server, default 60).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/apt.sh"
 
 t0=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -34,21 +35,7 @@ install_s="0.0"
 ver=$(newest_version)
 if ! command -v pg_ctlcluster >/dev/null || [[ -z $ver || ! -x /usr/lib/postgresql/$ver/bin/postgres ]]; then
     ti=$(date +%s.%N)
-    export DEBIAN_FRONTEND=noninteractive
-    # One `apt-get update` is enough when another script (slurm/start.sh in CI) just ran it.
-    if [[ -z $(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 2>/dev/null) ]]; then
-        apt-get update -qq
-    fi
-    # Keep the package's postinst from starting the server itself (it ships an init script);
-    # this script starts it with its own settings. Docker images usually have this file.
-    own_policy=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 0755 /usr/sbin/policy-rc.d
-        own_policy=1
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    apt-get install -y -qq --no-install-recommends postgresql >/dev/null
-    if (( own_policy )); then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+    apt_install postgresql
     install_s=$(elapsed "$ti")
     ver=$(newest_version)
     [[ -n $ver ]] || die "apt installed postgresql, but /usr/lib/postgresql has no version"

@@ -7,6 +7,7 @@
 # config, it only verifies. Needs root. Logs: /var/log/slurm/, /var/log/munge/.
 # Env: CRUIJFF_SLURM_WAIT (seconds to wait for the node, default 60).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/apt.sh"
 
 t0=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -26,18 +27,7 @@ install_s="0.0"
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
     || ! command -v sinfo >/dev/null || ! command -v munged >/dev/null; then
     ti=$(date +%s.%N)
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # Keep the packages' postinst from starting services with their default config (they ship
-    # init scripts); this script starts them itself. Docker images usually have this file.
-    own_policy=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 0755 /usr/sbin/policy-rc.d
-        own_policy=1
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
-    if (( own_policy )); then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+    apt_install slurm-wlm munge
     install_s=$(elapsed "$ti")
 fi
 ts=$(date +%s.%N)
