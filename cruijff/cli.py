@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the CLI imports the core lazily, so `--help` stays fast
 
     from cruijff.experiment import BuildRequest, Built
     from cruijff.runner import Experiment, Trial
+    from cruijff.state import StageRecord
     from cruijff.summary import Summary
 
 Selection = list[tuple["Trial", list[str]]]
@@ -150,12 +151,10 @@ STATUS_STYLE = {"done": "green", "reused": "green", "skipped": "green", "failed"
                 "running": "yellow", "pending": "dim"}
 
 
-def _stage_cells(trial, stages: list[str]) -> list[str]:
-    from cruijff.state import read_record
-
+def _stage_cells(records: dict[str, StageRecord | None], stages: list[str]) -> list[str]:
     cells = []
     for stage in stages:
-        record = read_record(trial.dir, stage)
+        record = records.get(stage)
         status = record.status if record else "pending"
         text = status if status != "reused" else f"reused {record.reused_from}"
         if record and record.duration_s is not None and status != "reused":
@@ -164,7 +163,7 @@ def _stage_cells(trial, stages: list[str]) -> list[str]:
     return cells
 
 
-def _results(selection) -> tuple[Table, list[dict], bool]:
+def _results(selection: Selection) -> tuple[Table, list[dict], bool]:
     """Trials x stages from the records on disk, with each trial's score and final loss."""
     from cruijff.state import read_record
 
@@ -179,7 +178,7 @@ def _results(selection) -> tuple[Table, list[dict], bool]:
         accuracy = (records.get("eval") and records["eval"].metrics.get("accuracy"))
         loss = (records.get("finetune") and records["finetune"].metrics.get("loss_last"))
         cells = [c if s in trial_stages else "" for s, c in
-                 zip(stages, _stage_cells(trial, stages), strict=True)]
+                 zip(stages, _stage_cells(records, stages), strict=True)]
         table.add_row(trial.id, trial.label, *cells,
                       "-" if accuracy is None else f"{accuracy:.3f}",
                       "-" if loss is None else f"{loss:.4f}")
