@@ -420,11 +420,12 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
                 failures.append((trial.id, stage, status.error))
         table.add_row(trial.id, trial.label, *cells, trial.prefect or "-")
     out.print(table)
-    for trial_id, stage, error in failures:
-        out.print(f"[red]trial {trial_id} {stage} failed:[/]")
-        out.print("\n".join(f"  {line}" for line in error.splitlines()), markup=False)
+    for trial_id, stage, error in failures:  # unwrapped: error lines get copied and grepped
+        out.print(f"[red]trial {trial_id} {stage} failed:[/]", soft_wrap=True)
+        out.print("\n".join(f"  {line}" for line in error.splitlines()), markup=False,
+                  soft_wrap=True)
     for notice in result.notices:
-        out.print(f"note: {notice}", markup=False)
+        out.print(f"note: {notice}", markup=False, soft_wrap=True)
 
 
 @app.command()

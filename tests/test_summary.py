@@ -31,7 +31,8 @@ def experiment(cli, project, monkeypatch, tmp_path):
     write_record(exp / "trial-b", StageRecord(
         "finetune", "k3", "failed", attempts=2, duration_s=3.0, where="slurm:999999",
         history=[{"attempt": 1, "status": "running", "where": "slurm:999998", "error": None}],
-        error="exit code 1\nTraceback (most recent call last):\nValueError: lora_rank too big"))
+        error="exit code 1\nTraceback (most recent call last):\n"
+              "ValueError: lora_rank too big (has ['q_proj', 'v_proj'])"))
     return exp
 
 

@@ -61,8 +61,17 @@ def task_factory(config: dict[str, Any]) -> Any:
     from cruijff.tasks import load_function
 
     set_model_info(config["model"], ModelInfo(organization="local", model=config["model"]))
-    return load_function(Path(config["task_file"]), f"_cruijff_task_{config['task']}_eval",
-                         config["task_function"])
+    task_function = load_function(Path(config["task_file"]),
+                                  f"_cruijff_task_{config['task']}_eval", config["task_function"])
+
+    def make_task(**args: Any) -> Any:
+        try:
+            return task_function(**args)
+        except Exception as exc:  # the task's own code: its error, not cruijff's
+            raise CruijffError(f"task '{config['task']}': {config['task_function']}() "
+                               f"failed: {type(exc).__name__}: {exc}") from None
+
+    return make_task
 
 
 def log_metrics(log: Any) -> dict[str, Any]:
