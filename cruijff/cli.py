@@ -371,12 +371,19 @@ def summary(
 
     exp = load_experiment(experiment)
     result = summarize(exp, select(exp, trials, stage))
-    from flows.status import prefect_view
+    from flows.server import running_api
 
-    flow_states, notice = prefect_view(CruijffSettings().home, exp.name,
-                                       repair=not result.running)
-    if notice:
-        result.notices.append(notice)
+    api = running_api(CruijffSettings().home)
+    flow_states: dict[str, str] = {}
+    if api is None:  # Prefect (and its import) only when a server answers
+        result.notices.append("The Prefect server is not running: this summary is from disk "
+                              "(and Slurm) only.")
+    else:
+        from flows.status import prefect_view
+
+        flow_states, notice = prefect_view(api, exp.name, repair=not result.running)
+        if notice:
+            result.notices.append(notice)
     for trial in result.trials:
         trial.prefect = flow_states.get(f"{exp.name}/trial-{trial.id}")
     if as_json:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import json
 import os
 import re
@@ -124,7 +125,9 @@ def select(experiment: Experiment, trials: str | None = None,
     return [(t, stages) for t, stages in selection if stages]
 
 
+@functools.cache
 def _backend_version(distribution: str) -> str:
+    """A process runs the code it imported: its backends' versions do not change under it."""
     try:
         return version(distribution)
     except PackageNotFoundError:

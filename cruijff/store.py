@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -51,7 +49,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from cruijff.errors import CruijffError
 from cruijff.experiment import trial_dir_name
-from cruijff.fileio import MAX_INPUT_BYTES, load_yaml_mapping
+from cruijff.fileio import load_yaml_mapping
 from cruijff.state import read_record
 
 SCHEMA_VERSION = "2"
@@ -328,52 +326,10 @@ def _experiment_config(path: Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
                            "build one with `cruijff build`")
-    data = _load_experiment_yaml(config_file)
+    data = load_yaml_mapping(config_file, "experiment config")
     if "trials" not in data or "name" not in data:
         raise CruijffError(f"{config_file} is not an experiment config written by cruijff build")
     return data
-
-
-if hasattr(yaml, "CSafeLoader"):
-    class _FastLoader(yaml.CSafeLoader):  # type: ignore[name-defined,misc]
-        """libyaml's safe loader with cruijff's float rule (see fileio._StrictLoader)."""
-
-    _FastLoader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
-        list("-+0123456789."),
-    )
-else:  # pragma: no cover  (PyYAML without libyaml)
-    _FastLoader = None
-
-
-def _load_experiment_yaml(config_file: Path) -> dict[str, Any]:
-    """The experiment's config.yaml, as fileio.load_yaml_mapping reads it, but with libyaml:
-    the pure-Python loader takes seconds for a thousand trials. Aliases are refused as there:
-    an alias makes two places share one object, which is checked after loading."""
-    if _FastLoader is None or config_file.stat().st_size > MAX_INPUT_BYTES:
-        return load_yaml_mapping(config_file, "experiment config")
-    try:
-        data = yaml.load(config_file.read_text(encoding="utf-8"), Loader=_FastLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return load_yaml_mapping(config_file, "experiment config")  # its error message
-    if not isinstance(data, dict) or _shares_objects(data):
-        return load_yaml_mapping(config_file, "experiment config")
-    return data
-
-
-def _shares_objects(data: Any) -> bool:
-    """Whether a list or dict occurs twice in the tree (what a YAML alias produces)."""
-    seen: set[int] = set()
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict | list):
-            if id(item) in seen:
-                return True
-            seen.add(id(item))
-            stack.extend(item.values() if isinstance(item, dict) else item)
-    return False
 
 
 def delete_experiment(session: Session, path: Path, name: str) -> bool:

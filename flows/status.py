@@ -4,7 +4,6 @@ and the repair of runs left 'Running' by a process that is gone (PrefectHQ/prefe
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import (
@@ -16,8 +15,6 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Crashed
-
-from flows.server import running_api
 
 
 def flow_run_states(api: str, experiment: str) -> dict[str, str]:
@@ -52,11 +49,8 @@ def crash_orphaned_runs(api: str, experiment: str) -> int:
     return asyncio.run(repair())
 
 
-def prefect_view(home: Path, experiment: str, *, repair: bool) -> tuple[dict[str, str], str | None]:
-    """(flow-run states, notice). With no server answering, no states and a notice."""
-    api = running_api(home)
-    if api is None:
-        return {}, "The Prefect server is not running: this summary is from disk (and Slurm) only."
+def prefect_view(api: str, experiment: str, *, repair: bool) -> tuple[dict[str, str], str | None]:
+    """(flow-run states, notice) from the server at `api`; a notice if it fails to answer."""
     try:
         if repair:
             crash_orphaned_runs(api, experiment)
