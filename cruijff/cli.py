@@ -259,9 +259,6 @@ def run(
         raise CruijffError("give either an experiment folder or build options, not both")
 
     exp = load_experiment(experiment)
-    if not unlocked(exp):
-        raise CruijffError(f"experiment {exp.name} is already being run: wait for it to finish "
-                           "or stop it first")
     if failed:
         if trials is not None:
             raise CruijffError("--failed picks the trials itself: drop --trials")
@@ -272,6 +269,9 @@ def run(
     selection = select(exp, trials, stage)
     if not selection:
         raise CruijffError(f"nothing selected: no trial of {exp.name} has stage {stage!r}")
+    if not unlocked(exp):
+        raise CruijffError(f"experiment {exp.name} is already being run: wait for it to finish "
+                           "or stop it first")
     executor = executor or exp.orchestration.executor
     if dry_run:
         _dry_run(exp, selection, executor, force)

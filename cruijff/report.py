@@ -26,7 +26,9 @@ from sqlalchemy import func, select
 
 from cruijff.analysis import Comparison, Estimate, compare, holm, is_binary, mean_estimate
 from cruijff.errors import CruijffError
+from cruijff.experiment import trial_dir_name
 from cruijff.fileio import atomic_write_text
+from cruijff.state import read_record
 from cruijff.store import (
     FINETUNE_STAGE,
     ExperimentRow,
@@ -38,6 +40,7 @@ from cruijff.store import (
     StageRunRow,
     Store,
     TrialRow,
+    experiment_config,
     load_experiment_results,
     open_store,
 )
@@ -179,6 +182,14 @@ def analyze(
     if not (path / "config.yaml").is_file():
         raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
                            "build one with `cruijff build`")
+    trials = experiment_config(path)["trials"]
+    evals = {t["id"]: read_record(path / trial_dir_name(t["id"]), "eval") for t in trials}
+    if not any(r is not None and r.is_done for r in evals.values()):
+        states = "; ".join(f"{t['id']} ({t.get('label', '')}): "
+                           f"{evals[t['id']].status if evals[t['id']] else 'pending'}"
+                           for t in trials[:5])  # checked before creating a store for nothing
+        raise CruijffError(f"experiment at {path} has no results yet: no trial has a finished "
+                           f"eval ({states}); run it first: cruijff run {path}")
     with open_store(database_url, path) as store:
         load = load_experiment_results(store, path)
         analysis = compute_analysis(store, path, confidence=confidence, seed=seed)

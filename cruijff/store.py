@@ -321,7 +321,7 @@ class LoadReport:
     duration_s: float = 0.0
 
 
-def _experiment_config(path: Path) -> dict[str, Any]:
+def experiment_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.yaml"
     if not config_file.is_file():
         raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
@@ -350,7 +350,7 @@ def load_experiment_results(store: Store, experiment: Path) -> LoadReport:
     """Load an experiment's results from disk, replacing whatever the store held for it."""
     started = time.perf_counter()
     path = Path(experiment).expanduser().resolve()
-    config = _experiment_config(path)
+    config = experiment_config(path)
     name = str(config["name"])
     trials = list(config["trials"])
     # Read everything from disk first: the transaction then only writes.
@@ -396,7 +396,7 @@ def rebuild_experiment_results(store: Store, experiment: Path) -> LoadReport:
 
     (Loading already replaces them; this is the explicit form, in two transactions.)"""
     path = Path(experiment).expanduser().resolve()
-    name = str(_experiment_config(path)["name"])
+    name = str(experiment_config(path)["name"])
     with store.session() as session:
         delete_experiment(session, path, name)
     return load_experiment_results(store, path)
