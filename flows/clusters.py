@@ -23,9 +23,13 @@ from cruijff.runner import Experiment, Trial
 from cruijff.settings import ResourceProfile
 from cruijff.slurm import sbatch_options
 
-# A worker lost mid-stage fails the stage at once; Prefect's task retries (one mechanism, one
-# budget: orchestration.retries) then run it again on a new worker.
-DASK_CONFIG = {"distributed.scheduler.allowed-failures": 0, "distributed.admin.tick.limit": "1h"}
+# A worker lost mid-stage fails the stage at once; the trial subflow's retries (one mechanism,
+# one budget: orchestration.retries) then run it again on a new worker. A worker is given one
+# stage at a time (saturation 1.0: no task waits on a worker), so a lost worker takes down only
+# the stage it was running, not another trial's stage queued behind it.
+DASK_CONFIG = {"distributed.scheduler.allowed-failures": 0,
+               "distributed.scheduler.worker-saturation": 1.0,
+               "distributed.admin.tick.limit": "1h"}
 SET_BY_JOBQUEUE = ("--mem=", "--time=", "--job-name=")
 
 
