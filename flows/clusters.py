@@ -24,12 +24,12 @@ from cruijff.settings import ResourceProfile
 from cruijff.slurm import sbatch_options
 
 # A worker lost mid-stage fails the stage at once; the trial subflow's retries (one mechanism,
-# one budget: orchestration.retries) then run it again on a new worker. A worker is given one
-# stage at a time (saturation 1.0: no task waits on a worker), so a lost worker takes down only
-# the stage it was running, not another trial's stage queued behind it.
-DASK_CONFIG = {"distributed.scheduler.allowed-failures": 0,
-               "distributed.scheduler.worker-saturation": 1.0,
-               "distributed.admin.tick.limit": "1h"}
+# one budget: orchestration.retries) then run it again on a new worker.
+DASK_CONFIG = {"distributed.scheduler.allowed-failures": 0, "distributed.admin.tick.limit": "1h"}
+# Every worker holds one unit of this resource and every stage task needs it: the scheduler
+# then never queues a second stage on a busy worker, so a lost worker (a cancelled Slurm job)
+# takes down only the stage it was running, not another trial's stage waiting behind it.
+STAGE_SLOT = "cruijff_stage"
 SET_BY_JOBQUEUE = ("--mem=", "--time=", "--job-name=")
 
 
@@ -78,6 +78,7 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile) -
             job_extra_directives=directives,
             job_directives_skip=["--cpus-per-task"] if "cpus_per_task" in values else [],
             job_script_prologue=[f"export OMP_NUM_THREADS={cpus}"],
+            worker_extra_args=["--resources", f"{STAGE_SLOT}=1"],
             log_directory=str(log_dir),
             python=sys.executable,
             silence_logs="error",
@@ -89,13 +90,14 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile) -
 def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, workers: int,
              max_jobs: int) -> Iterator[dict[str, str]]:
     """Start the clusters of a run; yields trial id -> scheduler address."""
-    with ExitStack() as stack, dask.config.set(DASK_CONFIG):
+    with ExitStack() as stack, dask.config.set(DASK_CONFIG), \
+            dask.annotate(resources={STAGE_SLOT: 1}):
         if executor == "local":
             # Workers are threads of this process: a stage is a subprocess anyway, and threads
             # start in milliseconds where worker processes take seconds to import Prefect.
             cluster = stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=False,
-                dashboard_address=":0", silence_logs=logging.ERROR))
+                resources={STAGE_SLOT: 1}, dashboard_address=":0", silence_logs=logging.ERROR))
             yield {trial.id: cluster.scheduler_address for trial in trials}
             return
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # worker jobs inherit it

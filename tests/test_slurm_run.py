@@ -132,7 +132,7 @@ def test_exhausted_retries_fail_the_trial_not_the_others(slurm_site, prefect_env
             return {run.name: run.state_type.value for run in runs}
 
     assert asyncio.run(states()) == {"exhausted": "FAILED", "exhausted/trial-a": "FAILED",
-                                     "exhausted/trial-b": "COMPLETED"}
+                                     "exhausted/trial-b": "COMPLETED"}, output
     assert read_record(site / "exhausted" / "trial-b", "eval").status == "done"
     sacct = subprocess.run(["sacct", "-c", "-n", "-X", "-j", job, "-o", "State"],
                            capture_output=True, text=True)
