@@ -65,6 +65,18 @@ def trial_dir_name(trial_id: str) -> str:
     return f"trial-{trial_id}"
 
 
+def experiment_config(path: Path) -> dict[str, Any]:
+    """The resolved config.yaml of an experiment folder written by `cruijff build`."""
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
+                           "build one with `cruijff build`")
+    data = load_yaml_mapping(config_file, "experiment config")
+    if "trials" not in data or "name" not in data:
+        raise CruijffError(f"{config_file} is not an experiment config written by cruijff build")
+    return data
+
+
 def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: bool = False,
                      settings: CruijffSettings | None = None) -> Built:
     settings = settings or CruijffSettings()

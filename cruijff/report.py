@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from cruijff.analysis import Comparison, Estimate, compare, holm, is_binary, mean_estimate
 from cruijff.errors import CruijffError
-from cruijff.experiment import trial_dir_name
+from cruijff.experiment import experiment_config, trial_dir_name
 from cruijff.fileio import atomic_write_text
 from cruijff.state import read_record
 from cruijff.store import (
@@ -40,7 +40,6 @@ from cruijff.store import (
     StageRunRow,
     Store,
     TrialRow,
-    experiment_config,
     load_experiment_results,
     open_store,
 )

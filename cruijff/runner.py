@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cruijff.errors import CruijffError
-from cruijff.experiment import ARCHIVE, trial_dir_name
+from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
 from cruijff.fileio import load_yaml_mapping
 from cruijff.settings import OrchestrationConfig
 from cruijff.stages import STAGES, StageFailed
@@ -79,13 +79,7 @@ class Experiment:
 def load_experiment(path: Path) -> Experiment:
     """An experiment as `cruijff build` wrote it."""
     path = Path(path).expanduser().resolve()
-    config_file = path / "config.yaml"
-    if not config_file.is_file():
-        raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
-                           "build one with `cruijff build`")
-    data = load_yaml_mapping(config_file, "experiment config")
-    if "trials" not in data or "name" not in data:
-        raise CruijffError(f"{config_file} is not an experiment config written by cruijff build")
+    data = experiment_config(path)
     trials = []
     for entry in data["trials"]:
         folder = path / trial_dir_name(entry["id"])

@@ -48,8 +48,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from cruijff.errors import CruijffError
-from cruijff.experiment import trial_dir_name
-from cruijff.fileio import load_yaml_mapping
+from cruijff.experiment import experiment_config, trial_dir_name
 from cruijff.state import read_record
 
 SCHEMA_VERSION = "2"
@@ -319,17 +318,6 @@ class LoadReport:
     samples: int = 0
     losses: int = 0
     duration_s: float = 0.0
-
-
-def experiment_config(path: Path) -> dict[str, Any]:
-    config_file = path / "config.yaml"
-    if not config_file.is_file():
-        raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
-                           "build one with `cruijff build`")
-    data = load_yaml_mapping(config_file, "experiment config")
-    if "trials" not in data or "name" not in data:
-        raise CruijffError(f"{config_file} is not an experiment config written by cruijff build")
-    return data
 
 
 def delete_experiment(session: Session, path: Path, name: str) -> bool:
