@@ -34,6 +34,24 @@ NAMESPACES = {
     "prompt_opt": "prompt_opt",
 }
 KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MANAGED_NAMES = frozenset({"output_dir", "log_dir", "checkpoint_dir", "checkpoint_files",
+                           "data_files", "data_path", "eval_config", "task_file"})
+"""Last parts of stage keys that name a file or folder cruijff fills in (in the trial folder,
+or from the model and dataset). A design that set them could make a run write outside the
+experiment, and `run --force` move whatever is there into the archive."""
+MANAGED_KEYS = ("finetune.dataset", "prompt_opt.model", "prompt_opt.task",
+                "prompt_opt.task_function")
+"""Whole stage keys (and what is under them) that cruijff fills in from model and task."""
+CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+"""Control characters other than tab and newlines: never part of a prompt or setting, and
+they reach terminals (escape sequences) and the comment line of the .slurm scripts."""
+
+
+def _plugin_namespaces() -> dict[str, str]:
+    """Namespaces of stages registered by other packages (imported late: stages use this)."""
+    from cruijff.stages import STAGES
+
+    return {s.namespace: s.namespace for s in STAGES.values() if s.namespace not in NAMESPACES}
 
 
 def canonical_key(key: object) -> str:
@@ -45,18 +63,43 @@ def canonical_key(key: object) -> str:
     namespace, dot, rest = key.partition(".")
     if not dot:
         raise CruijffError(
-            f"unknown key '{key}'{did_you_mean(key, TRIAL_KEYS)}: use one of "
+            f"unknown key {key!r}{did_you_mean(key, TRIAL_KEYS)}: use one of "
             f"{', '.join(TRIAL_KEYS)} or a dotted key such as torchtune.model.lora_rank"
         )
-    if namespace not in NAMESPACES:
+    namespaces = {**NAMESPACES, **_plugin_namespaces()}
+    if namespace not in namespaces:
         raise CruijffError(
-            f"unknown namespace '{namespace}' in key '{key}'{did_you_mean(namespace, NAMESPACES)}"
-            f": use one of {', '.join(NAMESPACES)}"
+            f"unknown namespace {namespace!r} in key {key!r}{did_you_mean(namespace, namespaces)}"
+            f": use one of {', '.join(namespaces)}"
         )
     parts = rest.split(".")
-    if not all(KEY_PART.match(p) for p in parts):
-        raise CruijffError(f"key '{key}' has an invalid part: use names like model.lora_rank")
-    return f"{NAMESPACES[namespace]}.{rest}"
+    if not all(KEY_PART.fullmatch(p) for p in parts):  # `$` would allow a final newline
+        raise CruijffError(f"key {key!r} has an invalid part: use names like model.lora_rank")
+    return f"{namespaces[namespace]}.{rest}"
+
+
+def _check_value(key: str, value: Any) -> None:
+    """Refuse a stage key cruijff manages (also as a key inside a mapping value, which
+    replaces a whole section) and control characters in any string of the value."""
+    stack: list[tuple[str, Any]] = [(key, value)]
+    while stack:
+        path, item = stack.pop()
+        last = path.rsplit(".", 1)[-1]
+        if "." in path and (last in MANAGED_NAMES or any(
+                path == m or path.startswith(f"{m}.") for m in MANAGED_KEYS)):
+            raise CruijffError(
+                f"key {path!r} names a file or folder that cruijff sets itself (in the trial "
+                "folder, or from the model and dataset): drop it from the design; choose the "
+                "model and dataset with 'model' and 'dataset'")
+        if isinstance(item, dict):
+            stack.extend((f"{path}.{k}", v) for k, v in item.items())
+            item = "".join(str(k) for k in item)  # the keys: checked like a string value
+        elif isinstance(item, list):
+            stack.extend((path, v) for v in item)
+        if isinstance(item, str) and (bad := CONTROL_CHARACTER.search(item)):
+            raise CruijffError(
+                f"key {key!r}: a value holds the control character {bad.group()!r}: remove it "
+                "(tabs and newlines are fine)")
 
 
 def parse_assignment(text: str, option: str) -> tuple[str, Any]:
@@ -69,7 +112,9 @@ def parse_assignment(text: str, option: str) -> tuple[str, Any]:
     value = parse_yaml(raw, f"{option} {key.strip()}") if raw.strip() else ""
     if isinstance(value, dict):
         raise CruijffError(f"{option} {key.strip()}: a value cannot be a mapping; use JSON")
-    return canonical_key(key.strip()), value
+    key = canonical_key(key.strip())
+    _check_value(key, value)
+    return key, value
 
 
 def _object(data: Any, source: str) -> dict[str, Any]:
@@ -77,7 +122,10 @@ def _object(data: Any, source: str) -> dict[str, Any]:
         raise CruijffError(
             f"{source} must be a JSON object {{\"key\": value}}, not {type_name(data)}"
         )
-    return {canonical_key(k): v for k, v in data.items()}
+    checked = {canonical_key(k): v for k, v in data.items()}
+    for key, value in checked.items():
+        _check_value(key, value)
+    return checked
 
 
 def _objects(data: Any, source: str) -> list[dict[str, Any]]:
@@ -202,6 +250,11 @@ def _check_trial_value(key: str, value: Any) -> Any:
     expected = TRIAL_KEYS[key]
     if not isinstance(value, expected):
         raise CruijffError(f"{key} must be {type_name(expected())}, not {value!r}")
+    if isinstance(value, str) and (not value.isprintable() or value != value.strip()):
+        # The name checks' `$` lets one trailing newline through ('d.json\n'), which would
+        # become a file name and a message broken over several lines.
+        raise CruijffError(f"{key} {value!r} must not contain spaces, newlines or other "
+                           "control characters")
     if key == "model":
         validate_model_id(value)
     elif key == "dataset":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,41 @@ from cruijff.errors import CruijffError
 
 MAX_INPUT_BYTES = 10 * 1024 * 1024
 """Config, design and data-description files larger than this are refused, not parsed."""
+MAX_DEPTH = 100
+"""Lists and mappings nested deeper than this are refused: parsers, the YAML writer and
+pydantic recurse, so a `[[[[...` document would otherwise end in a RecursionError. Real
+configs nest fewer than ten levels."""
+_REFUSED_TAGS = ("binary", "timestamp", "omap", "pairs", "set")
+"""YAML types beyond JSON's: no cruijff input means them, and they break what reads the value
+later (a set or bytes in a stage config). Refused, with the line, like `!!python/...` tags."""
+
+
+def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"the tag {node.tag} is not allowed (use plain JSON-like values)",
+        node.start_mark)
+
+
+def _checked_scalar(construct: Any, tag: str) -> Any:
+    """A scalar constructor whose ValueError/KeyError (`!!int abc`, `!!bool maybe`, an
+    integer of 5,000 digits) becomes a YAML error with the line, not a crash. An integer
+    must also be writable in decimal (0x followed by 5,000 digits reads, but cannot be
+    written back)."""
+    kind = {"int": "integer", "float": "number", "bool": "boolean"}[tag]
+
+    def checked(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        try:
+            value = construct(loader, node)
+            if isinstance(value, int) and not isinstance(value, bool):
+                str(value)  # Python refuses beyond sys.get_int_max_str_digits() digits
+            return value
+        except (ValueError, KeyError):
+            text = str(node.value)
+            shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown!r} is not a valid {kind}", node.start_mark) from None
+
+    return checked
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -35,27 +71,53 @@ class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
     _StrictLoader for the error message."""
 
 
-# YAML 1.1 reads "1e-4" as a string; researchers (and torchtune's configs) mean a float.
 for _loader in (_StrictLoader, _FastLoader):
+    # YAML 1.1 reads "1e-4" as a string; researchers (and torchtune's configs) mean a float.
     _loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
         list("-+0123456789."),
     )
+    # ... and "2024-13-45" as a date (a crash when it is no date): a date is a string here.
+    for _first, _resolvers in _loader.yaml_implicit_resolvers.items():
+        _resolvers[:] = [r for r in _resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
+    for _tag in _REFUSED_TAGS:
+        _loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
+    for _kind in ("int", "float", "bool"):
+        _tag = f"tag:yaml.org,2002:{_kind}"
+        _loader.add_constructor(_tag, _checked_scalar(_loader.yaml_constructors[_tag], _kind))
 
 
-def _shares_objects(data: Any) -> bool:
-    """Whether a list or mapping occurs twice in the tree: what a YAML alias produces. Stops
-    at the first repeat, so an exponential 'billion laughs' document costs linear time."""
+def _too_deep(source: str) -> CruijffError:
+    return CruijffError(f"{source}: nested more than {MAX_DEPTH} levels deep: "
+                        "flatten the lists and mappings")
+
+
+def _inspect(data: Any, source: str, *, stop_at_shared: bool = True) -> bool:
+    """Walk a parsed document once: refuse nesting deeper than MAX_DEPTH and strings that
+    cannot be written as UTF-8 (a lone surrogate such as "\\ud800"); return whether a list
+    or mapping occurs twice in the tree (what a YAML alias produces). Stops at the first
+    repeat, so an exponential 'billion laughs' document costs linear time."""
     seen: set[int] = set()
-    stack = [data]
+    stack: list[tuple[Any, int]] = [(data, 0)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         if isinstance(item, dict | list):
-            if id(item) in seen:
+            if stop_at_shared and id(item) in seen:
                 return True
+            if depth >= MAX_DEPTH:
+                raise _too_deep(source)
             seen.add(id(item))
-            stack.extend(item.values() if isinstance(item, dict) else item)
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise CruijffError(
+                    f"{source}: a string holds {item[exc.start]!r}, which is not a Unicode "
+                    "character (a lone surrogate escape): write the character itself"
+                ) from None
     return False
 
 
@@ -65,7 +127,6 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[mi
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
-
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -88,20 +149,27 @@ def _read_text(path: Path, what: str) -> str:
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text (safe: no tags, no aliases); any error names the source and line."""
+    """Parse YAML text (safe: no tags, no aliases, bounded nesting); any error names the
+    source and, where the parser knows it, the line."""
     try:
         data = yaml.load(text, Loader=_FastLoader)  # a SafeLoader subclass
-        if not _shares_objects(data):
+        if not _inspect(data, source):
             return data
     except yaml.YAMLError:
         pass  # the strict loader below says what is wrong, with the line
+    except RecursionError:
+        raise _too_deep(source) from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise CruijffError(f"{source}:{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise _too_deep(source) from None
+    _inspect(data, source)
+    return data
 
 
 def load_yaml(path: Path, what: str = "YAML file") -> Any:
@@ -118,17 +186,29 @@ def load_yaml_mapping(path: Path, what: str = "YAML file") -> dict[str, Any]:
     return data
 
 
+def _no_constant(name: str) -> Any:
+    raise CruijffError(f"{name} is not a JSON number")
+
+
 def parse_json(text: str, source: str) -> Any:
+    """Parse JSON text (strict: no NaN, bounded size and nesting); errors name the source."""
     if len(text) > MAX_INPUT_BYTES:
         raise CruijffError(f"{source} is {len(text)} characters; the limit is {MAX_INPUT_BYTES}")
     try:
-        return json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise CruijffError(
             f"{source}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
+    except CruijffError as exc:
+        raise CruijffError(f"{source}: {exc}") from None
+    except ValueError:  # int(): Python refuses integers of thousands of digits
+        raise CruijffError(f"{source}: a number has more than {sys.get_int_max_str_digits()} "
+                           "digits") from None
     except RecursionError:
-        raise CruijffError(f"{source}: JSON nested too deeply") from None
+        raise _too_deep(source) from None
+    _inspect(data, source)
+    return data
 
 
 def load_json(path: Path, what: str = "JSON file") -> Any:
@@ -143,6 +223,9 @@ def type_name(value: Any) -> str:
 
 
 def dump_yaml(data: Any) -> str:
+    """YAML text of `data`, refused (before anything is written) if it nests so deep that
+    cruijff could not read the file back."""
+    _inspect(data, "cannot write a value", stop_at_shared=False)
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
                      allow_unicode=True)
 

@@ -24,6 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from cruijff.containment import check_contained
 from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
 from cruijff.fileio import load_yaml_mapping
@@ -91,6 +92,7 @@ def load_experiment(path: Path) -> Experiment:
             model_path=Path(trial["model_path"]), data_path=Path(trial["data_path"]),
         ))
     orchestration = OrchestrationConfig(**data.get("config", {}).get("orchestration", {}))
+    check_contained(path, [t.dir for t in trials])
     return Experiment(path, data["name"], trials, orchestration)
 
 
