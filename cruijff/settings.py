@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
@@ -110,6 +111,13 @@ class OrchestrationConfig(BaseModel):
     max_jobs: PositiveInt = Field(
         4, description="slurm: at most this many worker jobs per resource profile at once"
     )
+    submit_retries: NonNegativeInt = Field(
+        3, description="slurm: retries of a failed sbatch (waits 2, 4, 8 ... s between tries)"
+    )
+    submit_timeout_s: PositiveFloat = Field(
+        60, description="slurm: give up submitting a worker job (and stop the run with one "
+        "line) this many seconds after its first sbatch try"
+    )
 
 
 class ExperimentConfig(BaseSettings):
@@ -142,6 +150,11 @@ class ExperimentConfig(BaseSettings):
         default_factory=lambda: {"default": ResourceProfile()}
     )
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    pipeline: list[str] = Field(
+        default_factory=lambda: ["finetune", "prompt_opt", "eval"],
+        description="the stages a trial may run, in order (use_fine_tune/use_prompt_opt "
+        "still switch theirs off); registered stages only",
+    )
 
     @classmethod
     def settings_customise_sources(

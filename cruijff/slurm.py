@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from cruijff import __version__
@@ -95,9 +98,6 @@ def render_script(
 def job_states(job_ids: list[str]) -> dict[str, str]:
     """Slurm's word on jobs: queued/running ones from squeue, finished ones from sacct.
     Jobs Slurm no longer knows (or no Slurm here) are simply absent."""
-    import shutil
-    import subprocess
-
     ids = sorted({j for j in job_ids if j.isdigit()})
     if not ids or shutil.which("squeue") is None:
         return {}
@@ -113,3 +113,106 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
             if job.strip() in ids and state.strip():
                 states[job.strip()] = state.split()[0]
     return states
+
+
+class SlurmSubmitError(CruijffError):
+    """Worker jobs could not be submitted (no sbatch, or sbatch kept failing): the run stops
+    with this one line instead of waiting forever for workers that never come."""
+
+
+def worker_job_name(experiment: str, profile: str) -> str:
+    """The name of an experiment's worker jobs for one resource profile (`squeue --name`)."""
+    return f"cruijff-{experiment}-{profile}"
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """A job in Slurm's queue, as squeue shows it."""
+
+    id: str
+    name: str
+    state: str
+    partition: str
+    reason: str
+    """Why it waits (squeue's %r: 'Resources', 'Priority', 'ReqNodeNotAvail, ...'; 'None')."""
+
+    @property
+    def waiting(self) -> bool:
+        return self.state not in ("RUNNING", "COMPLETING")
+
+
+SQUEUE_FORMAT = "%i|%j|%T|%P|%r"
+NODE_REASON = re.compile(r"node|drain|down|maint", re.IGNORECASE)
+"""A pending reason that names the nodes (ReqNodeNotAvail, DOWN, DRAINED, ...): then the
+nodes' own reasons (the admin's words) say more."""
+
+
+def parse_squeue(text: str, experiment: str) -> list[QueuedJob]:
+    """The experiment's worker jobs in `squeue -h -o '%i|%j|%T|%P|%r'` output (other jobs
+    left out; a name is matched whole, so experiment `a` never claims `a-b`'s jobs)."""
+    pattern = re.compile(re.escape(worker_job_name(experiment, "")) + r"profile\d+")
+    jobs = []
+    for line in text.splitlines():
+        parts = line.split("|", 4)
+        if len(parts) == 5 and parts[0].strip() and pattern.fullmatch(parts[1].strip()):
+            jobs.append(QueuedJob(*(p.strip() for p in parts)))
+    return jobs
+
+
+def _ask(command: list[str], timeout: float) -> str | None:
+    """A Slurm command's stdout; None if it is not here or does not answer (with the
+    controller down, squeue and sinfo wait ~10 s before they give up)."""
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def queued_jobs(experiment: str, timeout: float = 15) -> list[QueuedJob] | None:
+    """This user's queued and running worker jobs of an experiment; None when Slurm cannot
+    be asked."""
+    out = _ask(["squeue", "--me", "-h", "-o", SQUEUE_FORMAT], timeout)
+    return None if out is None else parse_squeue(out, experiment)
+
+
+def unavailable_nodes(partitions: list[str], timeout: float = 15,
+                      most: int = 3) -> list[str]:
+    """'vm drained: <the admin's reason>' for (at most `most` of) the nodes of these
+    partitions that Slurm keeps from new jobs."""
+    out = _ask(["sinfo", "-h", "-R", "-N", "-p", ",".join(partitions), "-o", "%N|%T|%E"],
+               timeout) or ""
+    nodes: list[str] = []
+    for line in out.splitlines():
+        node, _, rest = line.partition("|")
+        state, _, reason = rest.partition("|")
+        if node.strip() and state.strip():
+            nodes.append(f"{node.strip()} {state.strip()}: {reason.strip() or 'no reason given'}")
+    return nodes[:most] + ([f"and {len(nodes) - most} more"] if len(nodes) > most else [])
+
+
+def waiting_note(jobs: list[QueuedJob], nodes: list[str] | None = None) -> str | None:
+    """One line on the jobs that wait, grouped by state and reason, e.g. `waiting for Slurm:
+    2 jobs PENDING (ReqNodeNotAvail, Reserved for maintenance); node vm drained: disk swap`;
+    None if none waits."""
+    groups: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        if job.waiting:
+            key = (job.state, "" if job.reason in ("", "None") else job.reason)
+            groups[key] = groups.get(key, 0) + 1
+    if not groups:
+        return None
+    parts = [f"{n} job{'s' if n > 1 else ''} {state}" + (f" ({reason})" if reason else "")
+             for (state, reason), n in groups.items()]
+    parts += [node if node.startswith("and ") else f"node {node}" for node in nodes or []]
+    return "waiting for Slurm: " + "; ".join(parts)
+
+
+def slurm_waits(experiment: str) -> tuple[list[QueuedJob], str | None]:
+    """The experiment's worker jobs in the queue, and the line on why some wait (with the
+    reasons of the nodes they wait for, asked only when their own reason points there)."""
+    jobs = queued_jobs(experiment) or []
+    partitions = sorted({j.partition for j in jobs if j.waiting and NODE_REASON.search(j.reason)})
+    return jobs, waiting_note(jobs, unavailable_nodes(partitions) if partitions else None)

@@ -3,25 +3,37 @@
 A SLURMCluster has one resource shape, so trials are grouped by their (merged) resource
 profile; each group gets its own cluster of worker jobs, scaled adaptively up to
 `orchestration.max_jobs`. One worker per job, one stage at a time per worker.
+
+Worker jobs are submitted with bounded retries (`orchestration.submit_retries` within
+`submit_timeout_s`): dask-jobqueue itself only logs a failed sbatch, and the run would wait
+forever for a worker that never comes. A submission that gives up stops the run instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import dask
+from dask_jobqueue.slurm import SLURMJob
 from distributed import LocalCluster
 from distributed.deploy.cluster import Cluster
 
 from cruijff.runner import Experiment, Trial
-from cruijff.settings import ResourceProfile
-from cruijff.slurm import sbatch_options
+from cruijff.settings import OrchestrationConfig, ResourceProfile
+from cruijff.slurm import SlurmSubmitError, sbatch_options, worker_job_name
 
 # A worker lost mid-stage fails the stage at once; the trial subflow's retries (one mechanism,
 # one budget: orchestration.retries) then run it again on a new worker.
@@ -59,7 +71,131 @@ def slurm_log_dir(experiment: Experiment) -> Path:
     return experiment.path / ".cruijff" / "slurm"
 
 
-def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile) -> Cluster:
+NO_SBATCH = ("sbatch is not on PATH: run cruijff where Slurm's commands are (a login node), "
+             "or use --executor local")
+FIRST_WAIT_S = 2.0
+
+
+class Submitter:
+    """Submits one run's worker jobs: a failed sbatch is tried again after 2, 4, 8 ... s, at
+    most `retries` times and within `budget_s` of the first try. Each failed try is logged to
+    `<experiment>/.cruijff/slurm/submit.log`; once one job gives up, `failure` says why (the
+    flow stops on it) and every later submission gives up at once."""
+
+    def __init__(self, settings: OrchestrationConfig, log: Path) -> None:
+        self.retries = settings.submit_retries
+        self.budget_s = settings.submit_timeout_s
+        self.log = log
+        self.failure: str | None = None
+
+    def _note(self, line: str) -> None:
+        with self.log.open("a", encoding="utf-8") as handle:
+            handle.write(f"{datetime.now().isoformat(timespec='seconds')} {line}\n")
+
+    async def submit(self, command: list[str]) -> str:
+        """sbatch's stdout, or "" on giving up. Not an exception: dask-jobqueue would only log
+        it (with a traceback, on the researcher's terminal) and the flow would never know."""
+        if self.failure is not None:
+            return ""
+        start, wait, tries = time.monotonic(), FIRST_WAIT_S, 0
+        while True:
+            tries += 1
+            left = self.budget_s - (time.monotonic() - start)
+            try:
+                out = await _call(command, timeout=max(1.0, left))
+            except FileNotFoundError:
+                self.failure = NO_SBATCH
+                return ""
+            except RuntimeError as exc:
+                problem = str(exc)
+            else:
+                if tries > 1:
+                    self._note(f"try {tries} succeeded: {out.strip()}")
+                return out
+            elapsed = time.monotonic() - start
+            self._note(f"try {tries} failed after {elapsed:.0f} s: {problem}")
+            if tries > self.retries or elapsed + wait >= self.budget_s:
+                self.failure = (f"sbatch failed {tries} time{'s' if tries > 1 else ''} over "
+                                f"{elapsed:.0f} s: {problem}: is the Slurm controller up? "
+                                "(check with sinfo, then run again)")
+                return ""
+            await asyncio.sleep(wait)
+            wait *= 2
+
+
+async def _call(command: list[str], timeout: float) -> str:
+    """Run a command, killed after `timeout` s with all it started (sites often wrap sbatch
+    in a script); RuntimeError with its last stderr line."""
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise RuntimeError(f"{command[0]} did not answer within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = (err or out).decode(errors="replace").strip().splitlines()
+        raise RuntimeError(lines[-1].removeprefix(f"{command[0]}: ").removeprefix("error: ")
+                           if lines else f"exit code {proc.returncode} and no output")
+    return out.decode(errors="replace")
+
+
+class RetryingSLURMJob(SLURMJob):
+    """A SLURMJob whose sbatch goes through a Submitter (retries, then a clear failure). A job
+    whose submission gave up starts as no job at all (job id None): no worker comes from it,
+    and the flow stops on the Submitter's failure."""
+
+    def __init__(self, *args: Any, submitter: Submitter | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.submitter = submitter
+
+    async def _submit_job(self, script_filename: str) -> str:
+        if self.submitter is None:
+            return await super()._submit_job(script_filename)
+        return await self.submitter.submit([self.submit_command, script_filename])
+
+    def _job_id_from_submit_output(self, out: str) -> str | None:
+        return super()._job_id_from_submit_output(out) if out else None
+
+
+# Submitters of the runs in this process, by experiment folder: trial threads look theirs up.
+_SUBMITTERS: dict[str, Submitter] = {}
+_SUBMITTERS_LOCK = threading.Lock()
+
+
+def _key(experiment: str | Path) -> str:
+    return str(Path(experiment).expanduser().resolve())
+
+
+def submit_failure(experiment: str | Path) -> str | None:
+    """Why this experiment's run gave up submitting worker jobs, if it did."""
+    with _SUBMITTERS_LOCK:
+        submitter = _SUBMITTERS.get(_key(experiment))
+    return None if submitter is None else submitter.failure
+
+
+def wait_for_stage(future: Any, experiment: str, poll_s: float = 1.0,
+                   stop: threading.Event | None = None) -> None:
+    """Wait for a stage task's future, like `future.wait()`, but raise SlurmSubmitError as soon
+    as the run gave up submitting worker jobs: no worker will ever pick the task up. Returns
+    early once `stop` is set (the user stopped the run). The Dask future is waited on once,
+    when done (a callback says so), not polled."""
+    done = threading.Event()
+    future.wrapped_future.add_done_callback(lambda _: done.set())
+    while not done.wait(poll_s):
+        if stop is not None and stop.is_set():
+            return
+        failure = submit_failure(experiment)
+        if failure is not None:
+            raise SlurmSubmitError(failure)
+    future.wait()  # returns at once: records the task's final state on the Prefect future
+
+
+def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile,
+                  submitter: Submitter | None = None) -> Cluster:
     """A SLURMCluster whose worker jobs request exactly the profile (validated, quoted)."""
     from dask_jobqueue import SLURMCluster
 
@@ -70,7 +206,9 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile) -
     log_dir.mkdir(parents=True, exist_ok=True)
     with dask.config.set(DASK_CONFIG):
         return SLURMCluster(
-            job_name=f"cruijff-{experiment.name}-{name}",
+            job_cls=RetryingSLURMJob,
+            submitter=submitter,
+            job_name=worker_job_name(experiment.name, name),
             cores=1,  # one worker thread: one stage per job; the job's CPUs go to the stage
             processes=1,
             memory=f"{values['mem']}GB" if "mem" in values else "4GB",
@@ -100,13 +238,30 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
                 resources={STAGE_SLOT: 1}, dashboard_address=":0", silence_logs=logging.ERROR))
             yield {trial.id: cluster.scheduler_address for trial in trials}
             return
+        if shutil.which("sbatch") is None:
+            raise SlurmSubmitError(NO_SBATCH)
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # worker jobs inherit it
+        log_dir = slurm_log_dir(experiment)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        submitter = Submitter(experiment.orchestration, log_dir / "submit.log")
+        key = _key(experiment.path)
+        with _SUBMITTERS_LOCK:
+            _SUBMITTERS[key] = submitter
+        stack.callback(_forget, key, submitter)
         addresses = {}
         for name, (profile, members) in group_by_profile(trials).items():
-            cluster = stack.enter_context(slurm_cluster(experiment, name, profile))
+            cluster = stack.enter_context(slurm_cluster(experiment, name, profile, submitter))
             cluster.adapt(minimum=0, maximum=min(max_jobs, len(members)))
             addresses.update({trial.id: cluster.scheduler_address for trial in members})
         yield addresses
+        if submitter.failure is not None:  # trials stopped on it: the run fails with it
+            raise SlurmSubmitError(submitter.failure)
+
+
+def _forget(key: str, submitter: Submitter) -> None:
+    with _SUBMITTERS_LOCK:
+        if _SUBMITTERS.get(key) is submitter:
+            del _SUBMITTERS[key]
 
 
 def job_scripts(experiment: Experiment, trials: list[Trial]) -> dict[str, str]:

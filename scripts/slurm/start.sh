@@ -34,7 +34,7 @@ ts=$(date +%s.%N)
 
 # ---------------------------------------------------------------- config
 node=$(hostname -s)
-cpus=$(nproc)
+cpus=$(nproc --all)
 mem_mb=$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)
 # A bit below the machine's memory, so slurmd never drains the node for "low RealMemory".
 real_mb=$(( mem_mb - (mem_mb / 20 > 512 ? mem_mb / 20 : 512) ))
