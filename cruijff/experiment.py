@@ -4,17 +4,28 @@ A build validates everything first (config, task, design, every stage config), t
 missing data and models, then writes the whole experiment into a temporary folder that is
 renamed into place: a failed build leaves no experiment behind, and `--force` moves the old one
 into `<root>/.archive/` instead of deleting it.
+
+A build holds an flock on `<root>/.<name>.build.lock` from its existence check to the rename:
+a second build of the same name is refused instead of racing it (both renames, or archiving
+the winner's folder). `--force` also holds the experiment's run lock while it moves the old
+folder, so it never archives an experiment from under a `cruijff run`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cruijff import __version__
 from cruijff.design import Design, Plan, TrialSpec, expand
@@ -23,11 +34,13 @@ from cruijff.fileio import dump_yaml, load_yaml_mapping
 from cruijff.models import ensure_model, family_of, model_key
 from cruijff.settings import CruijffSettings, ExperimentConfig
 from cruijff.slurm import render_script
-from cruijff.stages import STAGES, TrialContext
+from cruijff.stages import STAGES, Stage, TrialContext, pipeline_stages
+from cruijff.state import RECORDS, now
 from cruijff.tasks import TaskModule, load_task
 
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ARCHIVE = ".archive"
+RUN_LOCK_PATIENCE_S = 1.0
 
 
 @dataclass
@@ -83,24 +96,37 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
     config = ExperimentConfig.load(request.config_path)
     task = load_task(config.tasks_dir, request.task)
     plan = expand(request.design, config)
-    _check_used(plan.trials, request.design.controls)
+    _check_used(plan.trials, request.design.controls, pipeline_stages(config.pipeline))
     name = validate_experiment_name(
         request.name or f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}"
     )
     root = request.root.resolve()
     dest = root / name
-    if dest.exists() and not force and not dry_run:
-        raise CruijffError(
-            f"experiment {dest} already exists: pass --force to move it into "
-            f"{root / ARCHIVE} and build again, or choose another --name"
-        )
-
-    if not dry_run:
+    if dry_run:
+        return _render(request, config, task, plan, dest)[0]
+    with _build_lock(root, name):
+        if dest.exists() and not force:
+            raise CruijffError(
+                f"experiment {dest} already exists: pass --force to move it into "
+                f"{root / ARCHIVE} and build again, or choose another --name"
+            )
+        if dest.exists():
+            with _holding_run_lock(dest, name):  # refuse now, before preparing data and models
+                pass
         for dataset in dict.fromkeys(t.dataset for t in plan.trials):
             task.build_dataset(dataset, config.data_dir)
         for model in dict.fromkeys(t.model for t in plan.trials):
             ensure_model(model, config.model_dir, settings)
+        built, files = _render(request, config, task, plan, dest)
+        built.archived = _write(root, dest, files, force)
+        _copy_root_config(request.config_path.resolve(), root)
+    return built
 
+
+def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, plan: Plan,
+            dest: Path) -> tuple[Built, dict[str, str]]:
+    """The experiment's files (relative path -> text), rendered for the folder `dest`."""
+    name = dest.name
     files: dict[str, str] = {}
     stages: dict[str, list[str]] = {}
     for trial in plan.trials:
@@ -116,12 +142,7 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
         "notices": plan.notices,
         "trials": [{**t.to_dict(), "label": t.label, "stages": stages[t.id]} for t in plan.trials],
     })
-    built = Built(name, dest, plan, config, stages)
-    if dry_run:
-        return built
-    built.archived = _write(root, dest, files, force)
-    _copy_root_config(request.config_path.resolve(), root)
-    return built
+    return Built(name, dest, plan, config, stages), files
 
 
 def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentConfig,
@@ -139,7 +160,7 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
         family=family_of(trial.model),
     )
     resources = config.resources_for(model_key(trial.model))
-    enabled = [stage for stage in STAGES.values() if stage.enabled(trial)]
+    enabled = [stage for stage in pipeline_stages(config.pipeline) if stage.enabled(trial)]
     commands = {}
     for stage in enabled:
         resolved = stage.resolve(ctx)
@@ -167,13 +188,19 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
     return [s.name for s in enabled]
 
 
-def _check_used(trials: list[TrialSpec], controls: dict[str, Any]) -> None:
+def _check_used(trials: list[TrialSpec], controls: dict[str, Any],
+                pipeline: list[Stage]) -> None:
     """A stage key that no trial it applies to uses would be silently ignored: refuse it.
     A treatment's keys must be used by its own trials; a control's by at least one trial."""
     namespaces = {stage.namespace for stage in STAGES.values()}
+    for key in [*controls, *(k for t in trials for k in t.treatment)]:
+        namespace = key.split(".", 1)[0]
+        if namespace in namespaces and all(s.namespace != namespace for s in pipeline):
+            raise CruijffError(f"key '{key}' is for the {namespace} stage, which the config's "
+                               f"pipeline ({', '.join(s.name for s in pipeline)}) does not run")
 
     def runs(trial: TrialSpec, namespace: str) -> bool:
-        return any(s.namespace == namespace and s.enabled(trial) for s in STAGES.values())
+        return any(s.namespace == namespace and s.enabled(trial) for s in pipeline)
 
     for trial in trials:
         for key in trial.treatment:
@@ -190,8 +217,12 @@ def _check_used(trials: list[TrialSpec], controls: dict[str, Any]) -> None:
 
 
 def _write(root: Path, dest: Path, files: dict[str, str], force: bool) -> Path | None:
-    root.mkdir(parents=True, exist_ok=True)
+    """Write the files into a staging folder and rename it to `dest` (call with the build
+    lock held); with `force`, first move the old `dest` into the archive."""
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; colleagues may read results
     try:
         for relative, text in files.items():
             path = staging / relative
@@ -207,12 +238,107 @@ def _write(root: Path, dest: Path, files: dict[str, str], force: bool) -> Path |
         if dest.exists() and force:
             archived = root / ARCHIVE / f"{dest.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
             archived.parent.mkdir(parents=True, exist_ok=True)
-            dest.rename(archived)
-        staging.rename(dest)
+            with _holding_run_lock(dest, dest.name):
+                dest.rename(archived)
+        try:
+            staging.rename(dest)
+        except OSError as exc:  # only something other than cruijff can have made it meanwhile
+            raise CruijffError(f"cannot move the built experiment into place at {dest}: "
+                               f"{exc.strerror}") from None
         return archived
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _lock_holder(handle: IO[str]) -> str:
+    """'pid N' (and its host when not this one) from a lock file's content, as run_lock and
+    _build_lock write it."""
+    handle.seek(0)
+    try:
+        holder = json.loads(handle.read() or "{}")
+        pid, host = holder["pid"], holder.get("host")
+    except (ValueError, TypeError, KeyError):
+        return "pid unknown"
+    return f"pid {pid}" + (f" on {host}" if host and host != os.uname().nodename else "")
+
+
+@contextmanager
+def _build_lock(root: Path, name: str) -> Iterator[None]:
+    """Hold `<root>/.<name>.build.lock`, or refuse: another build of this name is writing it.
+    The OS frees an flock when its process dies; the file is removed when the build ends
+    (a killed build leaves it, empty and hidden, for the next build to take over)."""
+    missing = [p for p in (root, *root.parents) if not p.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".{name}.build.lock"
+    try:
+        while True:
+            handle = path.open("a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(handle)
+                handle.close()
+                raise CruijffError(
+                    f"experiment {name} is being built by another cruijff ({holder}): wait for "
+                    "it, then use that experiment, or build again with --force to replace it"
+                ) from None
+            try:  # the previous holder may have removed the file we opened: lock the new one
+                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        with handle:
+            handle.truncate(0)
+            handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                     "since": now()}))
+            handle.flush()
+            _remove_stale_staging(root, name)
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # before the lock is released, never after
+    except BaseException:
+        for folder in missing:  # a failed build leaves no new folders either
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _remove_stale_staging(root: Path, name: str) -> None:
+    """Staging folders of this name left by a build that was killed (only the holder of the
+    build lock writes one, so any that exists now is stale)."""
+    stale = re.compile(rf"\.{re.escape(name)}\.building-[A-Za-z0-9_]{{8}}")
+    for folder in root.iterdir():
+        if stale.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _holding_run_lock(path: Path, name: str) -> Iterator[None]:
+    """Hold the experiment's run lock (the one runner.run_lock takes), or refuse: a
+    `cruijff run` has it. Held while --force moves the folder, no run can start on it.
+    `summary` and `progress` take it for an instant to see whether a run has it: a lock still
+    held after RUN_LOCK_PATIENCE_S is a run's."""
+    lock = path / RECORDS / "run.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with lock.open("a+", encoding="utf-8") as handle:
+        deadline = time.monotonic() + RUN_LOCK_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CruijffError(
+                        f"experiment {name} is being run by `cruijff run` "
+                        f"({_lock_holder(handle)}): wait for it to finish or stop it, then "
+                        "build --force again") from None
+                time.sleep(0.05)
+        yield
 
 
 def _copy_root_config(config_path: Path, root: Path) -> None:

@@ -8,6 +8,8 @@ treatments (statistics in cruijff/analysis.py). Trials without results are named
 
 The report folder (default `<experiment>/report/`) holds results.csv, report.md and a
 self-contained report.html (inline CSS and SVG plots, no scripts, no external references).
+Each file is written to a temporary file and renamed into place: a reader, or another analyze
+at the same time, sees a whole file, old or new, never half of one.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from cruijff.analysis import Comparison, Estimate, compare, holm, is_binary, mean_estimate
 from cruijff.errors import CruijffError
 from cruijff.experiment import experiment_config, trial_dir_name
-from cruijff.fileio import atomic_write_text
+from cruijff.fileio import atomic_write_text, json_safe
 from cruijff.state import read_record
 from cruijff.store import (
     FINETUNE_STAGE,
@@ -91,7 +94,7 @@ class TrialResult:
 
     def to_dict(self) -> dict[str, Any]:
         est, cmp = self.estimate, self.comparison
-        return _clean({
+        return json_safe({
             "id": self.id, "label": self.label, "model": self.model, "dataset": self.dataset,
             "control": self.control, "status": self.status, "detail": self.detail,
             "scorer": self.scorer,
@@ -131,7 +134,7 @@ class Analysis:
         return [t for t in self.trials if t.comparison is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean({
+        return json_safe({
             "experiment": self.experiment, "path": str(self.path), "metric": self.metric,
             "confidence": self.confidence, "store": self.store_url,
             "report_dir": None if self.report_dir is None else str(self.report_dir),
@@ -143,17 +146,6 @@ class Analysis:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +183,11 @@ def analyze(
                            f"eval ({states}); run it first: cruijff run {path}")
     with open_store(database_url, path) as store:
         load = load_experiment_results(store, path)
-        analysis = compute_analysis(store, path, confidence=confidence, seed=seed)
+        try:
+            analysis = compute_analysis(store, path, confidence=confidence, seed=seed)
+        except SQLAlchemyError as exc:  # e.g. still locked after busy_timeout: one line
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise CruijffError(f"cannot read results from {store.url}: {reason}") from None
     analysis.load = load
     if not any(t.has_results for t in analysis.trials):
         lines = "; ".join(m.describe() for m in analysis.missing[:5])
@@ -206,7 +202,7 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
                      seed: int = 0) -> Analysis:
     """The analysis of an experiment already loaded into the store (reads only the store)."""
     path = Path(experiment_path).expanduser().resolve()
-    with store.session() as session:
+    with store.session(snapshot=True) as session:  # not half of a load another analyze makes
         exp = session.scalars(select(ExperimentRow).where(
             ExperimentRow.path == str(path)).order_by(ExperimentRow.id.desc())).first()
         if exp is None:

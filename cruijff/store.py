@@ -8,6 +8,11 @@ By default the store is a SQLite file in the experiment folder (`results.sqlite`
 SQLAlchemy URL works instead (`CRUIJFF_DATABASE_URL`, e.g. a team's PostgreSQL). Experiments
 are keyed by (folder path, name), so one database can hold many.
 
+Concurrency: two `analyze` at once (or one writing while another reads) never see half a load
+and never fail with "database is locked": SQLite transactions start with BEGIN IMMEDIATE (one
+writer at a time, waiting up to 30 s, and reads see one committed state); on PostgreSQL an
+advisory lock serializes loads of one experiment and reads use REPEATABLE READ.
+
 Tables: experiments, trials (one per trial of the experiment, with its resolved settings),
 stage_runs (one per stage record), metrics (numbers from the records), samples (one per scored
 Inspect sample, epoch and scorer), losses (fine-tune loss per step).
@@ -16,6 +21,7 @@ Inspect sample, epoch and scorer), losses (fine-tune loss per step).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -42,8 +48,9 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -215,9 +222,14 @@ class Store:
     """Masked (no password): safe to print."""
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session whose work is committed at the end of the block (rolled back on error)."""
-        with Session(self.engine) as session, session.begin():
+    def session(self, *, snapshot: bool = False) -> Iterator[Session]:
+        """A session whose work is committed at the end of the block (rolled back on error).
+        `snapshot`: all its reads see one committed state (SQLite's always do, see
+        _sqlite_begin; PostgreSQL's need REPEATABLE READ), e.g. not half of another load."""
+        engine = self.engine
+        if snapshot and engine.dialect.name == "postgresql":
+            engine = engine.execution_options(isolation_level="REPEATABLE READ")
+        with Session(engine) as session, session.begin():
             yield session
 
     def close(self) -> None:
@@ -256,6 +268,7 @@ def open_store(url: str | None, experiment_path: Path | None = None) -> Store:
         raise CruijffError(f"cannot use results database {shown}: {exc}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     try:
         _prepare_schema(engine)
     except SQLAlchemyError as exc:
@@ -266,26 +279,48 @@ def open_store(url: str | None, experiment_path: Path | None = None) -> Store:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Left to itself, Python's sqlite3 starts a transaction only at the first write: reads
+    # before it see other processes' commits, and a transaction that read first can fail at
+    # once with "database is locked" (SQLite refuses to wait where two could deadlock).
+    # _sqlite_begin starts every transaction instead.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
+def _sqlite_begin(connection: Connection) -> None:
+    """Every SQLite transaction takes the write lock first (waiting for it: busy_timeout): one
+    at a time, so none can deadlock another, and its reads see one committed state."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _serialize(connection: Connection | Session, name: str) -> None:
+    """On PostgreSQL, hold a lock named `name` until the transaction ends: transactions that
+    would race each other (two creating the tables, two loading one experiment) take turns.
+    SQLite needs none: its transactions already take turns."""
+    bind = connection if isinstance(connection, Connection) else connection.get_bind()
+    if bind.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"cruijff:{name}".encode()).digest()[:8], "big",
+                             signed=True)
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
 def _prepare_schema(engine: Engine) -> None:
     """Create the tables; tables of another schema version are dropped and made again
-    (the store is derived data: `analyze` loads what it needs from disk)."""
-    names = set(inspect(engine).get_table_names())
-    if StoreInfo.__tablename__ in names:
-        with Session(engine) as session:
-            info = session.get(StoreInfo, "schema_version")
-            version = info.value if info else None
-        if version != SCHEMA_VERSION:
-            Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as session, session.begin():
-        if session.get(StoreInfo, "schema_version") is None:
-            session.add(StoreInfo(key="schema_version", value=SCHEMA_VERSION))
+    (the store is derived data: `analyze` loads what it needs from disk). One transaction,
+    so two processes opening a new store at once do not both create it."""
+    version_of = select(StoreInfo.value).where(StoreInfo.key == "schema_version")
+    with engine.begin() as connection:
+        _serialize(connection, "schema")
+        if (StoreInfo.__tablename__ in inspect(connection).get_table_names()
+                and connection.scalar(version_of) != SCHEMA_VERSION):
+            Base.metadata.drop_all(connection)
+        Base.metadata.create_all(connection)
+        if connection.scalar(version_of) is None:
+            connection.execute(insert(StoreInfo).values(key="schema_version",
+                                                        value=SCHEMA_VERSION))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +384,7 @@ def load_experiment_results(store: Store, experiment: Path) -> LoadReport:
     report = LoadReport(name, path, 0, len(trials))
     try:
         with store.session() as session:
+            _serialize(session, f"load:{path}")
             delete_experiment(session, path, name)
             exp = ExperimentRow(path=str(path), name=name, task=config.get("task"),
                                 created=_text(config.get("created")),
