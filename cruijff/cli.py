@@ -5,11 +5,12 @@ Errors in the user's input are CruijffError: one line on stderr, exit code 2, no
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -19,7 +20,9 @@ from cruijff import __version__
 from cruijff.errors import CruijffError
 
 if TYPE_CHECKING:  # the CLI imports the core lazily, so `--help` stays fast
-    from rich.console import Group
+    import logging
+
+    from rich.console import Group, RenderableType
 
     from cruijff.experiment import BuildRequest, Built
     from cruijff.runner import Experiment, Trial
@@ -148,7 +151,7 @@ def build(
 
 
 STATUS_STYLE = {"done": "green", "reused": "green", "skipped": "green", "failed": "red",
-                "running": "yellow", "pending": "dim"}
+                "running": "yellow", "pending": "dim", "interrupted": "red"}
 
 
 def _stage_cells(records: dict[str, StageRecord | None], stages: list[str]) -> list[str]:
@@ -290,11 +293,19 @@ def run(
     ok = _run_flow(exp, selection, parameters, local=local, wait=wait, quiet=quiet or as_json)
     if ok is None:  # triggered without waiting
         return
+    from cruijff.runner import STOP
+
     table, rows, all_done = _results(selection)
     if as_json:
-        print(json.dumps({"experiment": exp.name, "ran": True, "trials": rows}))
+        print(json.dumps({"experiment": exp.name, "ran": True, "stopped": STOP.is_set(),
+                          "trials": rows}))
     else:
         out.print(table)
+    if STOP.is_set():
+        err.print(f"Stopped: running stages were ended and recorded as interrupted; finished "
+                  f"ones are kept. `cruijff run {exp.path}` resumes.", markup=False,
+                  soft_wrap=True)
+        raise typer.Exit(130)
     if not (ok and all_done):
         raise typer.Exit(1)
 
@@ -323,6 +334,9 @@ def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local:
 
     for handler in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):
         os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{handler}_LEVEL", "WARNING")
+    # Prefect's background services log each event they could not send while its server is
+    # away; a lost server ends the run with cruijff's own line instead.
+    os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
     from flows.server import ensure_api
 
     with err.status("Starting the Prefect server ..."):
@@ -343,14 +357,36 @@ def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local:
         from flows.experiment import run_experiment
 
         work = lambda: run_experiment(**parameters)  # noqa: E731
-    if quiet:
-        return work()
-    with Live(get_renderable=lambda: _results(selection)[0], console=err,
-              refresh_per_second=1, transient=True):
-        return work()
+    _without_cruijff_errors_on_console()
+    try:
+        if quiet:
+            return work()
+        waits = _SlurmWaits(exp.name) if parameters.get("executor") == "slurm" else None
+        with Live(get_renderable=lambda: _with_waits(_results(selection)[0], waits),
+                  console=err, refresh_per_second=1, transient=True):
+            return work()
+    except Exception as exc:
+        if not _server_lost(exc):
+            raise
+        raise CruijffError(
+            f"lost the Prefect server at {info.url} during the run ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); stages that finished "
+            f"are recorded on disk: `cruijff server start`, then `cruijff run {exp.path}` "
+            "resumes") from None
 
 
-SUMMARY_STYLE = {**STATUS_STYLE, "interrupted": "red", "blocked": "dim", "outdated": "yellow"}
+def _server_lost(exc: BaseException) -> bool:
+    """The Prefect API stopped answering (after the client's own retries)."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(exc, PrefectHTTPStatusError):
+        return exc.response.status_code >= 500
+    return isinstance(exc, httpx.TransportError)
+
+
+SUMMARY_STYLE = {**STATUS_STYLE, "interrupted": "red", "blocked": "dim", "outdated": "yellow",
+                 "damaged": "yellow"}
 
 
 @app.command()
@@ -379,9 +415,11 @@ def summary(
         result.notices.append("The Prefect server is not running: this summary is from disk "
                               "(and Slurm) only.")
     else:
+        from cruijff.runner import unlocked
         from flows.status import prefect_view
 
-        flow_states, notice = prefect_view(api, exp.name, repair=not result.running)
+        flow_states, notice = prefect_view(
+            api, exp.name, unheld=None if result.running else (lambda: unlocked(exp)))
         if notice:
             result.notices.append(notice)
     for trial in result.trials:
@@ -487,14 +525,93 @@ def progress(
     exp = load_experiment(experiment)
     selection = select(exp)
     start = time.monotonic()
+    waits = _SlurmWaits(exp.name)
     if not watch or unlocked(exp):
-        out.print(_progress_view(exp, selection, None))
+        out.print(_with_waits(_progress_view(exp, selection, None),
+                              None if unlocked(exp) else waits.ask()))
         return
     with Live(_progress_view(exp, selection, 0.0), console=out, refresh_per_second=4) as live:
         while not unlocked(exp):
             time.sleep(interval)
-            live.update(_progress_view(exp, selection, time.monotonic() - start))
+            live.update(_with_waits(_progress_view(exp, selection, time.monotonic() - start),
+                                    waits))
         live.update(_progress_view(exp, selection, time.monotonic() - start))
+
+
+def _without_cruijff_errors_on_console() -> None:
+    """Prefect logs an exception that ends a flow with its traceback; for a CruijffError (e.g.
+    no Slurm job can be submitted) the CLI prints the one line itself, so Prefect's console
+    handlers drop it (the Prefect UI keeps the full record)."""
+    import logging
+
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", *_NOISY_WITHOUT_SERVER):
+        for handler in logging.getLogger(name).handlers:  # "": the root
+            if isinstance(handler, logging.StreamHandler) and _not_cruijff_error not in \
+                    handler.filters:
+                handler.addFilter(_not_cruijff_error)
+    logging.raiseExceptions = False  # Prefect's API log handler writes its failures to stderr
+
+
+_NOISY_WITHOUT_SERVER = ("prefect.events.clients",)
+"""Without its server, Prefect's event client warns about every reconnect; the run ends with
+cruijff's own line about the lost server instead."""
+
+
+def _not_cruijff_error(record: logging.LogRecord) -> bool:
+    """Drop errors the CLI reports itself: cruijff's, and a lost Prefect server."""
+    if record.name.startswith(_NOISY_WITHOUT_SERVER) and record.levelno < logging.CRITICAL:
+        return False
+    if not record.exc_info:
+        return True
+    import httpx
+
+    return not isinstance(record.exc_info[1], CruijffError | httpx.TransportError)
+
+
+class _SlurmWaits:
+    """Why an experiment's Slurm worker jobs wait (drained node, no resources ...), for views
+    that refresh: squeue is asked in a background thread at most every `every_s` s (it takes
+    ~10 s to fail when the controller is down), and the last answer is shown meanwhile."""
+
+    def __init__(self, experiment: str, every_s: float = 5.0) -> None:
+        import threading
+
+        self.experiment, self.every_s = experiment, every_s
+        self.last: str | None = None
+        self._asked = float("-inf")
+        self._busy = threading.Lock()
+
+    def ask(self) -> str | None:
+        """Ask squeue now: 'waiting for Slurm: 2 jobs PENDING (reason)', or None."""
+        from cruijff.slurm import slurm_waits
+
+        self.last = slurm_waits(self.experiment)[1]
+        return self.last
+
+    def note(self) -> str | None:
+        import threading
+        import time
+
+        if time.monotonic() - self._asked >= self.every_s and self._busy.acquire(False):
+            self._asked = time.monotonic()
+
+            def refresh() -> None:
+                try:
+                    self.ask()
+                finally:
+                    self._busy.release()
+
+            threading.Thread(target=refresh, daemon=True).start()
+        return self.last
+
+
+def _with_waits(view: RenderableType, waits: _SlurmWaits | str | None) -> RenderableType:
+    """The view, with the line on waiting Slurm jobs under it when there is one."""
+    from rich.console import Group
+    from rich.text import Text
+
+    note = waits.note() if isinstance(waits, _SlurmWaits) else waits
+    return Group(view, Text(note, style="yellow")) if note else view
 
 
 def _progress_view(exp: Experiment, selection: Selection, elapsed: float | None) -> Group:
@@ -662,6 +779,16 @@ def version() -> None:
     out.print(f"cruijff {__version__}")
 
 
+DISK_ERRORS = {
+    errno.EACCES: "make it writable for you, or choose another folder",
+    errno.EPERM: "make it writable for you, or choose another folder",
+    errno.EROFS: "it is on a read-only file system: choose a writable folder",
+    errno.ENOSPC: "the disk is full: free space (or move the experiment) and run again",
+    errno.EDQUOT: "your disk quota is used up: free space and run again",
+}
+"""File-system errors a user can fix: one line, exit 2, like any other bad input."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2."""
     try:
@@ -672,9 +799,20 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            _internal_error(exc)
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"error: {exc.strerror}{where}: {DISK_ERRORS[exc.errno]}", markup=False,
+                  soft_wrap=True)
+        sys.exit(2)
     except Exception as exc:
-        if os.environ.get("CRUIJFF_DEBUG"):
-            raise
-        err.print(f"internal error: {type(exc).__name__}: {exc} (set CRUIJFF_DEBUG=1 for the "
-                  "traceback, and please report it)", markup=False, soft_wrap=True)
-        sys.exit(1)
+        _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> NoReturn:
+    if os.environ.get("CRUIJFF_DEBUG"):
+        raise exc
+    err.print(f"internal error: {type(exc).__name__}: {exc} (set CRUIJFF_DEBUG=1 for the "
+              "traceback, and please report it)", markup=False, soft_wrap=True)
+    sys.exit(1)

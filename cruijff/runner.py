@@ -6,6 +6,7 @@ flows/ calls these from Prefect tasks; everything here also works (and is tested
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import functools
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,10 +36,12 @@ from cruijff.state import (
     RECORDS,
     STAGE_ENVIRONMENT,
     StageRecord,
+    damaged_output,
     digest,
     file_digest,
     folder_fingerprint,
     now,
+    output_fingerprint,
     read_record,
     record_path,
     where_now,
@@ -153,8 +157,10 @@ def stage_key(trial: Trial, stage: str) -> str:
 
 
 def is_done(trial: Trial, stage: str, key: str) -> bool:
+    """Recorded done with this key, and its verified outputs are still all there."""
     record = read_record(trial.dir, stage)
-    return record is not None and record.is_done and record.key == key
+    return (record is not None and record.is_done and record.key == key
+            and damaged_output(trial.dir, record) is None)
 
 
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
@@ -185,6 +191,56 @@ def _next_log(folder: Path, stage: str) -> Path:
     return folder / f"{stage}-attempt{max(numbers, default=0) + 1}.log"
 
 
+STOP = threading.Event()
+"""Set when the user stops a run (Ctrl-C, SIGTERM): no new stage starts, running ones end."""
+STOP_GRACE_S = 10.0
+"""How long a stopped stage may take to exit on SIGTERM before it is killed."""
+_stages_running: set[subprocess.Popen] = set()
+_stages_lock = threading.Lock()
+
+
+def request_stop(reason: str) -> None:
+    """Stop the run: refuse new stages, SIGTERM the running ones (their whole process group),
+    SIGKILL whichever is still there after STOP_GRACE_S."""
+    STOP.set()
+    with _stages_lock:
+        procs = list(_stages_running)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    def kill_stragglers() -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    if procs:
+        threading.Timer(STOP_GRACE_S, kill_stragglers).start()
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While a run runs in this (main) thread: the first Ctrl-C or SIGTERM stops it cleanly
+    (request_stop), a second Ctrl-C aborts at once."""
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if STOP.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request_stop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def execute_stage(trial: Trial, stage: str, key: str, *,
                   threads: int | None = None) -> StageRecord:
     """Run one stage's command, verify its outputs, and record the outcome atomically."""
@@ -204,12 +260,27 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
     write_record(trial.dir, record)
     start = time.monotonic()
     with log.open("w", encoding="utf-8") as out:
-        proc = subprocess.run(trial.commands[stage], cwd=trial.dir, stdout=out,
-                              stderr=subprocess.STDOUT, env=env, check=False,
-                              preexec_fn=_die_with_parent)
+        # Its own process group: a Ctrl-C reaches only cruijff, which then stops the stage
+        # (and everything the stage started) itself, and records why.
+        proc = subprocess.Popen(trial.commands[stage], cwd=trial.dir, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, process_group=0,
+                                preexec_fn=_die_with_parent)
+        with _stages_lock:
+            _stages_running.add(proc)
+        if STOP.is_set():  # stopped while this stage was starting
+            request_stop("stop")
+        try:
+            proc.wait()
+        finally:
+            with _stages_lock:
+                _stages_running.discard(proc)
     record.duration_s = round(time.monotonic() - start, 2)
     record.finished = now()
-    if proc.returncode != 0:
+    if proc.returncode != 0 and STOP.is_set():
+        record.status = "interrupted"
+        record.error = (f"stopped by the user after {record.duration_s:g} s: `cruijff run` "
+                        "runs it again")
+    elif proc.returncode != 0:
         record.status = "failed"
         record.error = f"exit code {proc.returncode}\n{_tail(log)}"
     else:
@@ -221,6 +292,7 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
         else:
             record.status = "done"
             record.outputs, record.metrics = verified.outputs, verified.metrics
+            record.fingerprint = output_fingerprint(trial.dir, verified.outputs)
     write_record(trial.dir, record)
     return record
 
@@ -241,7 +313,7 @@ def link_shared(trial: Trial, owner: Trial, stage: str) -> StageRecord:
     checkpoints.symlink_to(owner.dir / "checkpoints")
     record = StageRecord(stage, done.key, "reused", run_id=done.run_id, finished=now(),
                          outputs=done.outputs, metrics=done.metrics, reused_from=owner.id,
-                         where=done.where)
+                         where=done.where, fingerprint=done.fingerprint)
     write_record(trial.dir, record)
     return record
 
@@ -277,6 +349,23 @@ def archive_stages(experiment: Experiment, selection: list[tuple[Trial, list[str
     return folder
 
 
+LOCK_PATIENCE_S = 1.0
+"""A look at the lock (summary, progress, build --force) holds it for an instant: a run
+starting then tries again for this long before it refuses."""
+
+
+def _lock_within(handle: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 @contextmanager
 def run_lock(experiment: Experiment) -> Iterator[None]:
     """One `cruijff run` per experiment at a time; the OS frees the lock if the process dies."""
@@ -284,7 +373,7 @@ def run_lock(experiment: Experiment) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+", encoding="utf-8") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_within(handle, LOCK_PATIENCE_S)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -306,19 +395,29 @@ def run_lock(experiment: Experiment) -> Iterator[None]:
 
 
 def unlocked(experiment: Experiment) -> bool:
-    """No `cruijff run` holds this experiment now (a quick check before starting one)."""
+    """No `cruijff run` holds this experiment now. Asks for a shared lock and writes nothing,
+    so a look (summary, progress) never blocks a run starting at that moment, and works on an
+    experiment the user may only read."""
+    path = experiment.path / RECORDS / "run.lock"
     try:
-        with run_lock(experiment):
-            return True
-    except CruijffError:
-        return False
+        handle = path.open("r", encoding="utf-8")
+    except FileNotFoundError:
+        return True
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
 
 
 def unfinished_trials(experiment: Experiment) -> list[Trial]:
-    """Trials with a failed stage, or one left 'running' by a run that is gone (call only
-    while no run holds the experiment): what a re-run of failed trials picks up."""
+    """Trials with a failed or interrupted stage, or one left 'running' by a run that is gone
+    (call only while no run holds the experiment): what a re-run of failed trials picks up."""
+    unfinished = ("failed", "running", "interrupted")
     return [t for t in experiment.trials
-            if any((r := read_record(t.dir, s)) is not None and r.status in ("failed", "running")
+            if any((r := read_record(t.dir, s)) is not None and r.status in unfinished
                    for s in t.stages)]
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from cruijff.fileio import atomic_write_text
 
 RECORDS = ".cruijff"
-Status = Literal["running", "done", "failed", "reused"]
+Status = Literal["running", "done", "failed", "reused", "interrupted"]
 
 
 @dataclass
@@ -45,10 +45,35 @@ class StageRecord:
     """What the stage ran with: Slurm job id, GPUs, memory, threads (see STAGE_ENVIRONMENT)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """Earlier attempts with the same key: attempt, status, where, error."""
+    fingerprint: dict[str, int] = field(default_factory=dict)
+    """Size of every file of the verified outputs: a file truncated or lost after the stage
+    was recorded done (a crash, a full disk, a hand) makes the stage not done any more."""
 
     @property
     def is_done(self) -> bool:
         return self.status in ("done", "reused")
+
+
+def output_fingerprint(trial_dir: Path, outputs: list[str]) -> dict[str, int]:
+    """Each file under the outputs (files or folders, relative to the trial) and its size."""
+    sizes = {}
+    for output in outputs:
+        path = trial_dir / output
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            sizes[str(file.relative_to(trial_dir))] = file.stat().st_size
+    return sizes
+
+
+def damaged_output(trial_dir: Path, record: StageRecord) -> str | None:
+    """The first output file that is gone or changed size since the record was written."""
+    for relative, size in record.fingerprint.items():
+        try:
+            if (trial_dir / relative).stat().st_size != size:
+                return f"{relative} changed size since it was verified"
+        except OSError:
+            return f"{relative} is missing"
+    return None
 
 
 def now() -> str:

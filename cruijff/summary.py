@@ -6,15 +6,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cruijff.fileio import json_safe
 from cruijff.runner import Experiment, Trial, stage_key, unlocked
-from cruijff.slurm import job_states
-from cruijff.state import read_record
+from cruijff.slurm import QueuedJob, job_states, slurm_waits
+from cruijff.state import damaged_output, read_record
 
 
 @dataclass
 class StageStatus:
     state: str
     """done, reused, outdated (done, but its inputs changed since: it will run again),
+    damaged (done, but an output file is gone or truncated since: it will run again),
     failed, running, interrupted, pending, blocked (an earlier stage failed)."""
     attempts: int = 0
     duration_s: float | None = None
@@ -40,6 +42,8 @@ class Summary:
     """A `cruijff run` holds the experiment now."""
     trials: list[TrialStatus]
     notices: list[str] = field(default_factory=list)
+    slurm_jobs: list[QueuedJob] = field(default_factory=list)
+    """The experiment's worker jobs in Slurm's queue now (state, and why they wait)."""
 
     @property
     def complete(self) -> bool:
@@ -47,9 +51,10 @@ class Summary:
 
 
     def to_json(self) -> dict[str, Any]:
-        return {"experiment": self.experiment, "running": self.running,
-                "complete": self.complete, "notices": self.notices,
-                "trials": [asdict(t) for t in self.trials]}
+        return json_safe({"experiment": self.experiment, "running": self.running,
+                          "complete": self.complete, "notices": self.notices,
+                          "slurm_jobs": [asdict(j) for j in self.slurm_jobs],
+                          "trials": [asdict(t) for t in self.trials]})
 
 
 def _slurm_jobs(record_where: str | None, history: list[dict]) -> list[str]:
@@ -65,7 +70,7 @@ def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) 
     trials = []
     for trial, stages in selection:
         statuses: dict[str, StageStatus] = {}
-        blocked = False
+        blocked = rerun = False  # an earlier stage failed / will run again
         for stage in stages:
             record = records[(trial.id, stage)]
             if record is None:
@@ -74,8 +79,11 @@ def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) 
             state = record.status
             if state == "running" and not running:
                 state = "interrupted"  # no run holds the experiment: nothing is running it
-            elif record.is_done and record.key != stage_key(trial, stage):
+            elif record.is_done and (rerun or record.key != stage_key(trial, stage)):
                 state = "outdated"
+            elif record.is_done and (damage := damaged_output(trial.dir, record)):
+                state = "damaged"  # its outputs changed after it was verified: it runs again
+                record.error = damage
             statuses[stage] = StageStatus(
                 state=state, attempts=record.attempts, duration_s=record.duration_s,
                 where=record.where if not record.reused_from else f"trial {record.reused_from}",
@@ -83,5 +91,14 @@ def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) 
                        for j in _slurm_jobs(record.where, record.history)],
                 error=record.error, metrics=record.metrics)
             blocked = blocked or state in ("failed", "interrupted")
+            rerun = rerun or state in ("outdated", "damaged")
         trials.append(TrialStatus(trial.id, trial.label, statuses))
-    return Summary(experiment.name, running, trials)
+    summary = Summary(experiment.name, running, trials)
+    if running or experiment.orchestration.executor == "slurm":
+        summary.slurm_jobs, note = slurm_waits(experiment.name)
+        if note and not running:  # left by a run that died: they would start for nothing
+            note += ("; no run holds the experiment, so cancel them: scancel "
+                     + " ".join(j.id for j in summary.slurm_jobs))
+        if note:
+            summary.notices.append(note)
+    return summary

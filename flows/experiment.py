@@ -14,10 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, tags, task
+from prefect.states import Cancelled, State
 from prefect_dask import DaskTaskRunner
 
+from cruijff.errors import CruijffError
 from cruijff.runner import (
     SHARED_STAGES,
+    STOP,
+    STOP_GRACE_S,
     Experiment,
     Trial,
     archive_stages,
@@ -28,14 +32,17 @@ from cruijff.runner import (
     run_lock,
     select,
     stage_key,
+    stop_on_signals,
     summarize,
 )
+from cruijff.slurm import SlurmSubmitError
 from cruijff.state import read_record
-from flows.clusters import clusters
+from flows.clusters import clusters, wait_for_stage
 
 
-class StageFailedError(RuntimeError):
-    """Raised in a stage task so that Prefect records the failure and retries it."""
+class StageFailedError(CruijffError):
+    """Raised in a stage task so that Prefect records the failure (the console shows cruijff's
+    results table instead of a traceback; the Prefect UI keeps the full record)."""
 
 
 class _SharedStages:
@@ -56,7 +63,11 @@ _RUNS: dict[str, _SharedStages] = {}
 
 def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: int) -> dict:
     trial = load_experiment(Path(experiment)).trial(trial_id)
-    record = execute_stage(trial, stage, key, threads=threads)
+    try:
+        record = execute_stage(trial, stage, key, threads=threads)
+    except OSError as exc:  # a full disk, a folder made read-only mid-run
+        raise StageFailedError(f"{stage} of trial {trial_id} could not write its log or "
+                               f"record: {exc}") from None
     if record.status != "done":
         raise StageFailedError(f"{stage} of trial {trial_id} failed: {record.error}")
     return summarize(record)
@@ -95,20 +106,27 @@ def _run_with_retries(experiment: str, trial: Trial, stage: str, key: str, threa
                                                          else ""),
             tags=[f"stage:{stage}"],
         ).submit(experiment, trial.id, stage, key, threads)
-        future.wait()
+        wait_for_stage(future, experiment, stop=STOP)  # raises if no Slurm job can be submitted
+        if STOP.is_set():
+            # A local stage was just stopped and records that; a Slurm stage ends with its
+            # worker job, which closing the run's clusters cancels.
+            future.wait(timeout=STOP_GRACE_S + 5)
+            return False
         if future.state.is_completed():
             return True
     return False
 
 
 def _trial(experiment: str, trial_id: str, stages: list[str], run_id: str,
-           threads: int = 1, retries: int = 1) -> dict[str, str]:
+           threads: int = 1, retries: int = 1) -> dict[str, str] | State:
     """One trial's pipeline: each stage runs only if it is not done with its current key."""
     exp = load_experiment(Path(experiment))
     trial = exp.trial(trial_id)
     shared = _RUNS[run_id]
     outcome: dict[str, str] = {}
     for stage in stages:
+        if STOP.is_set():
+            break
         key = stage_key(trial, stage)
         if is_done(trial, stage, key):
             outcome[stage] = "skipped"
@@ -128,6 +146,8 @@ def _trial(experiment: str, trial_id: str, stages: list[str], run_id: str,
             outcome[stage] = "failed"
             break
         outcome[stage] = "done"
+    if STOP.is_set():
+        return Cancelled(message=f"stopped by the user; done: {outcome}")
     if "failed" in outcome.values():
         raise StageFailedError(f"trial {trial_id}: {outcome}")
     return outcome
@@ -138,7 +158,7 @@ trial_flow = flow(name="cruijff-trial")(_trial)
 
 def _experiment(experiment: str, stage: str | None = None, trials: str | None = None,
                 workers: int | None = None, retries: int | None = None,
-                executor: str | None = None, force: bool = False) -> dict[str, str]:
+                executor: str | None = None, force: bool = False) -> dict[str, str] | State:
     """All selected trials as concurrent subflows, their stages on Dask workers: threads of
     a LocalCluster, or Slurm jobs of one SLURMCluster per resource profile."""
     exp = load_experiment(Path(experiment))
@@ -151,7 +171,7 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
     threads = max(1, cores // workers) if executor == "local" else 0
     run_id = uuid.uuid4().hex
     states: dict[str, str] = {}
-    with run_lock(exp), tags("cruijff", f"exp:{exp.name}"):
+    with run_lock(exp), tags("cruijff", f"exp:{exp.name}"), stop_on_signals():
         if force:
             archive_stages(exp, selection)
         _RUNS[run_id] = _SharedStages(selection)
@@ -169,7 +189,12 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
                                         return_state=True)
                         return state.type.value
 
-                with ThreadPoolExecutor(max_workers=len(selection) or 1) as pool:
+                # Trials beyond what the workers can run wait here, not as live subflows: 200
+                # subflows at once overwhelm a SQLite-backed Prefect server (HTTP 503).
+                slots = len(set(addresses.values())) * (
+                    workers if executor == "local" else settings.max_jobs)
+                with ThreadPoolExecutor(max_workers=max(1, min(len(selection), 2 * slots))
+                                        ) as pool:
                     futures = {
                         trial.id: pool.submit(contextvars.copy_context().run, run_trial, trial,
                                               stages)
@@ -178,6 +203,9 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
                     states = {trial_id: f.result() for trial_id, f in futures.items()}
         finally:
             _RUNS.pop(run_id, None)
+    if STOP.is_set():
+        return Cancelled(message="stopped by the user (Ctrl-C or SIGTERM): `cruijff run` "
+                         "resumes the experiment")
     failed = [t for t, s in states.items() if s != "COMPLETED"]
     if failed:
         raise StageFailedError(f"trials failed: {', '.join(failed)}")
@@ -196,4 +224,8 @@ def run_experiment(experiment: Path, *, stage: str | None = None, trials: str | 
         state = experiment_flow.with_options(flow_run_name=name)(
             str(experiment), stage, trials, workers, None, executor, force, return_state=True
         )
+    if state.is_failed():
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, SlurmSubmitError):
+            raise error  # the CLI's one line (exit 2): no job could be submitted
     return state.is_completed()

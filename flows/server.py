@@ -463,6 +463,9 @@ def _is_ours_and_alive(state: dict) -> bool:
         return False
 
 
+PORT_RELEASE_S = 10.0
+
+
 def _choose_port(host: str, port: int | None, previous: int | None) -> int:
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -475,8 +478,16 @@ def _choose_port(host: str, port: int | None, previous: int | None) -> int:
                 "port or stop that program"
             )
         return port
-    if previous and _port_free(host, int(previous)):
-        return int(previous)
+    if previous:
+        # The same port when at all possible: runs still going reconnect to it by themselves.
+        # A server just killed may hold it for a few seconds while it dies.
+        deadline = time.monotonic() + PORT_RELEASE_S
+        while True:
+            if _port_free(host, int(previous)):
+                return int(previous)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:

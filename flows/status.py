@@ -4,6 +4,8 @@ and the repair of runs left 'Running' by a process that is gone (PrefectHQ/prefe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import (
@@ -32,14 +34,23 @@ def flow_run_states(api: str, experiment: str) -> dict[str, str]:
     return asyncio.run(read())
 
 
-def crash_orphaned_runs(api: str, experiment: str) -> int:
-    """Mark this experiment's flow runs that say Running as Crashed. Call only when no
-    `cruijff run` holds the experiment: then nothing can be running them."""
+ORPHAN_MIN_AGE = timedelta(seconds=10)
+"""A run's flow starts a moment before it takes the experiment's lock: a Running flow run
+this young may belong to a run that is just starting, never to an orphan."""
+
+
+def crash_orphaned_runs(api: str, experiment: str, unheld: Callable[[], bool]) -> int:
+    """Mark this experiment's flow runs that say Running as Crashed when no `cruijff run`
+    holds the experiment (`unheld()`, asked again just before): nothing can be running them."""
     async def repair() -> int:
         async with PrefectClient(api=api) as client:
             runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 tags=FlowRunFilterTags(all_=[f"exp:{experiment}"]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+            old = datetime.now(UTC) - ORPHAN_MIN_AGE
+            runs = [r for r in runs if r.start_time is None or r.start_time < old]
+            if not runs or not unheld():
+                return 0
             for run in runs:
                 await client.set_flow_run_state(
                     run.id, Crashed(message="no cruijff run holds the experiment any more"),
@@ -49,11 +60,13 @@ def crash_orphaned_runs(api: str, experiment: str) -> int:
     return asyncio.run(repair())
 
 
-def prefect_view(api: str, experiment: str, *, repair: bool) -> tuple[dict[str, str], str | None]:
-    """(flow-run states, notice) from the server at `api`; a notice if it fails to answer."""
+def prefect_view(api: str, experiment: str, *, unheld: Callable[[], bool] | None
+                 ) -> tuple[dict[str, str], str | None]:
+    """(flow-run states, notice) from the server at `api`; a notice if it fails to answer.
+    With `unheld` (no run holds the experiment), orphaned Running runs are repaired first."""
     try:
-        if repair:
-            crash_orphaned_runs(api, experiment)
+        if unheld is not None:
+            crash_orphaned_runs(api, experiment, unheld)
         return flow_run_states(api, experiment), None
     except Exception as exc:  # any client failure: the summary still answers from disk
         return {}, f"Prefect at {api} did not answer ({type(exc).__name__}): from disk only."

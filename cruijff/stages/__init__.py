@@ -1,14 +1,15 @@
-"""Stages: one file each, registered here in pipeline order.
+"""Stages: one file each, registered here; the pipeline says which run, in which order.
 
 A stage turns a trial into a config file and the command that runs it; the flow and the
 generated `.slurm` scripts run that same command. Adding a stage is one new file plus a
-registry line below.
+registry line below, or, from another package, an entry point in the `cruijff.stages` group.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -147,5 +148,37 @@ def register(cls: type[Stage]) -> type[Stage]:
 from cruijff.stages import eval as eval_stage  # noqa: E402, F401
 from cruijff.stages import finetune, prompt_opt  # noqa: E402, F401
 
-# The pipeline, in order. A new stage: one file, imported above, named here.
-STAGES: dict[str, Stage] = {name: _REGISTERED[name] for name in ("finetune", "prompt_opt", "eval")}
+PIPELINE = ("finetune", "prompt_opt", "eval")
+"""The default pipeline, in order (the experiment config's `pipeline` may choose others)."""
+
+
+def _load_plugins() -> None:
+    """Stages other packages register through the `cruijff.stages` entry point group."""
+    for entry in entry_points(group="cruijff.stages"):
+        if entry.name in _REGISTERED:
+            continue
+        try:
+            cls = entry.load()
+        except Exception as exc:  # a broken plugin must not hide which one it is
+            raise CruijffError(f"stage plugin {entry.name!r} ({entry.value}) failed to load: "
+                               f"{exc}") from None
+        register(cls)
+
+
+_load_plugins()
+STAGES: dict[str, Stage] = {**{name: _REGISTERED[name] for name in PIPELINE}, **_REGISTERED}
+"""Every registered stage by name: the default pipeline's first, in order."""
+
+
+def pipeline_stages(names: list[str]) -> list[Stage]:
+    """The stages a pipeline names, in its order; an unknown or repeated name is an error."""
+    if not names:
+        raise CruijffError("pipeline is empty: name at least one stage, such as "
+                           f"[{', '.join(PIPELINE)}]")
+    for name in names:
+        if name not in STAGES:
+            raise CruijffError(f"pipeline: unknown stage {name!r}{did_you_mean(name, STAGES)}; "
+                               f"registered stages: {', '.join(STAGES)}")
+        if names.count(name) > 1:
+            raise CruijffError(f"pipeline: stage {name!r} is named twice")
+    return [STAGES[name] for name in names]
