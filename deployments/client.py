@@ -4,6 +4,7 @@ Kept apart from the flows so that `cruijff run --no-wait` does not import Dask."
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from datetime import UTC, datetime
 from uuid import UUID
@@ -12,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import DeploymentStatus, State
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.deployments import run_deployment
-from prefect.states import Cancelled
+from prefect.states import Cancelled, Cancelling
 
 from cruijff.errors import CruijffError
 
@@ -66,18 +67,31 @@ def wait_for(flow_run_id: UUID, poll: float = 1.0) -> bool:
             await client.set_flow_run_state(
                 flow_run_id, Cancelled(message="no worker picked it up"), force=True)
 
+    async def stop() -> None:
+        """Ctrl-C here stops the run there: Cancelling makes its runner SIGTERM the flow run's
+        process, which stops cleanly (runner.stop_on_signals)."""
+        async with get_client() as client:
+            await client.set_flow_run_state(flow_run_id, Cancelling(message="Ctrl-C by the user"))
+
     start = time.monotonic()
     while True:
-        current = asyncio.run(state())
-        if current is not None and current.is_final():
-            return current.is_completed()
-        waiting = current is None or current.is_scheduled() or current.is_pending()
-        if waiting and time.monotonic() - start > PICKUP_TIMEOUT:
-            asyncio.run(cancel())
-            raise CruijffError(
-                f"nothing picked up flow run {flow_run_id} in {PICKUP_TIMEOUT:.0f} s (is "
-                "`cruijff serve` or the pool's worker running?): cancelled it; run with --local "
-                "to run in this process")
-        time.sleep(poll)
+        try:
+            current = asyncio.run(state())
+            if current is not None and current.is_final():
+                return current.is_completed()
+            waiting = current is None or current.is_scheduled() or current.is_pending()
+            if waiting and time.monotonic() - start > PICKUP_TIMEOUT:
+                asyncio.run(cancel())
+                raise CruijffError(
+                    f"nothing picked up flow run {flow_run_id} in {PICKUP_TIMEOUT:.0f} s (is "
+                    "`cruijff serve` or the pool's worker running?): cancelled it; run with "
+                    "--local to run in this process")
+            time.sleep(poll)
+        except KeyboardInterrupt:
+            asyncio.run(stop())
+            print(f"Stopping: asked the served deployment to cancel flow run {flow_run_id}; its "
+                  "running stages end and are recorded interrupted; `cruijff run` resumes.",
+                  file=sys.stderr)
+            raise
 
 

@@ -12,6 +12,7 @@ forever for a worker that never comes. A submission that gives up stops the run 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from dask_jobqueue.slurm import SLURMJob
 from distributed import LocalCluster
 from distributed.deploy.cluster import Cluster
 
@@ -143,22 +143,30 @@ async def _call(command: list[str], timeout: float) -> str:
     return out.decode(errors="replace")
 
 
-class RetryingSLURMJob(SLURMJob):
-    """A SLURMJob whose sbatch goes through a Submitter (retries, then a clear failure). A job
-    whose submission gave up starts as no job at all (job id None): no worker comes from it,
-    and the flow stops on the Submitter's failure."""
+@functools.cache
+def retrying_job_class() -> type:
+    """Defined on first use: importing dask_jobqueue sets a SIGINT handler, which fails (and
+    would break every served flow run) when Prefect loads this module off the main thread."""
+    from dask_jobqueue.slurm import SLURMJob
 
-    def __init__(self, *args: Any, submitter: Submitter | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.submitter = submitter
+    class RetryingSLURMJob(SLURMJob):
+        """A SLURMJob whose sbatch goes through a Submitter (retries, then a clear failure). A job
+        whose submission gave up starts as no job at all (job id None): no worker comes from it,
+        and the flow stops on the Submitter's failure."""
 
-    async def _submit_job(self, script_filename: str) -> str:
-        if self.submitter is None:
-            return await super()._submit_job(script_filename)
-        return await self.submitter.submit([self.submit_command, script_filename])
+        def __init__(self, *args: Any, submitter: Submitter | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.submitter = submitter
 
-    def _job_id_from_submit_output(self, out: str) -> str | None:
-        return super()._job_id_from_submit_output(out) if out else None
+        async def _submit_job(self, script_filename: str) -> str:
+            if self.submitter is None:
+                return await super()._submit_job(script_filename)
+            return await self.submitter.submit([self.submit_command, script_filename])
+
+        def _job_id_from_submit_output(self, out: str) -> str | None:
+            return super()._job_id_from_submit_output(out) if out else None
+
+    return RetryingSLURMJob
 
 
 # Submitters of the runs in this process, by experiment folder: trial threads look theirs up.
@@ -206,7 +214,7 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile,
     log_dir.mkdir(parents=True, exist_ok=True)
     with dask.config.set(DASK_CONFIG):
         return SLURMCluster(
-            job_cls=RetryingSLURMJob,
+            job_cls=retrying_job_class(),
             submitter=submitter,
             job_name=worker_job_name(experiment.name, name),
             cores=1,  # one worker thread: one stage per job; the job's CPUs go to the stage

@@ -171,6 +171,8 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
     threads = max(1, cores // workers) if executor == "local" else 0
     run_id = uuid.uuid4().hex
     states: dict[str, str] = {}
+    if executor == "slurm":
+        import dask_jobqueue  # noqa: F401  # its import sets a SIGINT handler: let ours win
     with run_lock(exp), tags("cruijff", f"exp:{exp.name}"), stop_on_signals():
         if force:
             archive_stages(exp, selection)

@@ -4,7 +4,9 @@ the re-run deployment (scheduled with `cruijff schedule-reruns`), completed stag
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -154,6 +156,47 @@ def test_failed_trials_are_rerun_by_the_rerun_deployment(served, site, prefect_e
 
     off = cruijff("schedule-reruns", site / "rerun", "--off", env=prefect_env)
     assert off.returncode == 0 and asyncio.run(schedules()) == []
+
+
+def test_ctrl_c_while_waiting_on_a_served_run_stops_that_run(served, site, prefect_env,
+                                                            tmp_path):
+    """Ctrl-C on `cruijff run` that triggered the served deployment cancels the flow run
+    there; its runner SIGTERMs it, and it stops as cleanly as a local run (the stage recorded
+    interrupted, the flow run Cancelled); `cruijff run` then resumes."""
+    release = tmp_path / "release"
+    config = site / "touch.yaml"
+    config.write_text((site / "config.yaml").read_text()
+                      + "pipeline: [testing_touch]\nrun_control_trials: false\n")
+    built = cruijff("build", "--config-path", config, "--root", site, "--name", "served-stop",
+                    "--task", "capitalization", "--dataset", "words_5L_80_1000.json",
+                    "--model", TINY, "--treatment", f"testing_touch.wait_for={release}",
+                    env=prefect_env)
+    assert built.returncode == 0, built.stderr
+    exp = site / "served-stop"
+    run = subprocess.Popen([sys.executable, "-m", "cruijff", "run", "-q", str(exp)],
+                           env=prefect_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+
+    def stage_status() -> str | None:
+        record = read_record(exp / "trial-a", "testing_touch")
+        return record.status if record else None
+
+    deadline = time.monotonic() + 120
+    while stage_status() != "running":
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.5)
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, out + err
+    assert "asked the served deployment to cancel flow run" in err
+    deadline = time.monotonic() + 90
+    while stage_status() != "interrupted":
+        assert time.monotonic() < deadline, stage_status()
+        time.sleep(0.5)
+    release.touch()
+    again = cruijff("run", "--local", exp, env=prefect_env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert stage_status() == "done"
 
 
 def test_deploy_registers_both_deployments_on_a_process_pool(tmp_path):
