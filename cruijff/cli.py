@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cruijff import __version__
 from cruijff.errors import CruijffError
@@ -109,7 +110,7 @@ def _build(request: BuildRequest, *, dry_run: bool, force: bool, as_json: bool) 
     for column in ("trial", "model", "dataset", "treatment", "control", "stages"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row["id"], row["model"], row["dataset"], row["label"],
+        table.add_row(row["id"], Text(row["model"]), Text(row["dataset"]), Text(row["label"]),
                       row["control"] or "-", " → ".join(row["stages"]))
     out.print(table)
     for notice in built.plan.notices:
@@ -182,7 +183,7 @@ def _results(selection: Selection) -> tuple[Table, list[dict], bool]:
         loss = (records.get("finetune") and records["finetune"].metrics.get("loss_last"))
         cells = [c if s in trial_stages else "" for s, c in
                  zip(stages, _stage_cells(records, stages), strict=True)]
-        table.add_row(trial.id, trial.label, *cells,
+        table.add_row(trial.id, Text(trial.label), *cells,
                       "-" if accuracy is None else f"{accuracy:.3f}",
                       "-" if loss is None else f"{loss:.4f}")
         rows.append({"id": trial.id, "label": trial.label, "accuracy": accuracy,
@@ -240,7 +241,14 @@ def run(
 
     Runs through the served experiment deployment when there is one (see `cruijff serve`),
     else in this process. Exit code 0 when every selected stage is done, 1 when any failed."""
-    from cruijff.runner import load_experiment, pending, select, unfinished_trials, unlocked
+    from cruijff.runner import (
+        check_writable,
+        load_experiment,
+        pending,
+        select,
+        unfinished_trials,
+        unlocked,
+    )
 
     if executor not in (None, "local", "slurm"):
         raise CruijffError(f"--executor must be local or slurm, not {executor!r}")
@@ -275,6 +283,8 @@ def run(
     if not unlocked(exp):
         raise CruijffError(f"experiment {exp.name} is already being run: wait for it to finish "
                            "or stop it first")
+    if not dry_run:
+        check_writable(exp)
     executor = executor or exp.orchestration.executor
     if dry_run:
         _dry_run(exp, selection, executor, force)
@@ -462,11 +472,11 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
                 text += f"\n{status.where.split(':')[0] if ':' in status.where else status.where}"
             cells.append(text)
             if status.error:
-                failures.append((trial.id, stage, status.error))
-        table.add_row(trial.id, trial.label, *cells, trial.prefect or "-")
+                failures.append((trial.id, stage, status.state, status.error))
+        table.add_row(trial.id, Text(trial.label), *cells, trial.prefect or "-")
     out.print(table)
-    for trial_id, stage, error in failures:  # unwrapped: error lines get copied and grepped
-        out.print(f"[red]trial {trial_id} {stage} failed:[/]", soft_wrap=True)
+    for trial_id, stage, state, error in failures:  # unwrapped: lines get copied and grepped
+        out.print(f"[red]trial {trial_id} {stage} {state}:[/]", soft_wrap=True)
         out.print("\n".join(f"  {line}" for line in error.splitlines()), markup=False,
                   soft_wrap=True)
     for notice in result.notices:

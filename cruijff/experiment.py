@@ -66,7 +66,7 @@ class Built:
 
 
 def validate_experiment_name(name: str) -> str:
-    if not EXPERIMENT_NAME.match(name) or ".." in name:
+    if not EXPERIMENT_NAME.fullmatch(name) or ".." in name:
         raise CruijffError(
             f"experiment name {name!r} must start with a letter or digit and use only "
             "letters, digits and _ . - (at most 100 characters)"

@@ -76,7 +76,7 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def validate_model_id(model_id: object) -> str:
-    if not isinstance(model_id, str) or not MODEL_ID.match(model_id) or ".." in model_id:
+    if not isinstance(model_id, str) or not MODEL_ID.fullmatch(model_id) or ".." in model_id:
         raise CruijffError(
             f"model {model_id!r} is not a Hugging Face id of the form 'org/name' "
             "(letters, digits, _ . -)"

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from cruijff.analysis import Comparison, Estimate, compare, holm, is_binary, mean_estimate
+from cruijff.containment import check_contained
 from cruijff.errors import CruijffError
 from cruijff.experiment import experiment_config, trial_dir_name
 from cruijff.fileio import atomic_write_text, json_safe
@@ -174,6 +175,7 @@ def analyze(
         raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
                            "build one with `cruijff build`")
     trials = experiment_config(path)["trials"]
+    check_contained(path, [path / trial_dir_name(t["id"]) for t in trials])
     evals = {t["id"]: read_record(path / trial_dir_name(t["id"]), "eval") for t in trials}
     if not any(r is not None and r.is_done for r in evals.values()):
         states = "; ".join(f"{t['id']} ({t.get('label', '')}): "

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -392,6 +393,20 @@ def run_lock(experiment: Experiment) -> Iterator[None]:
             handle.seek(0)
             handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_writable(experiment: Experiment) -> None:
+    """A run writes records, logs and outputs into the experiment: find out before anything
+    starts, rather than from a stage that cannot record its outcome."""
+    folder = experiment.path / RECORDS
+    try:
+        folder.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CruijffError(f"cannot write to {experiment.path}: {exc.strerror}: make it writable "
+                           "for you (or copy the experiment somewhere writable) and run again"
+                           ) from None
 
 
 def unlocked(experiment: Experiment) -> bool:

@@ -37,7 +37,7 @@ PROFILE_NAME = re.compile(r"^(default|[A-Za-z0-9][A-Za-z0-9_.-]*__[A-Za-z0-9_.-]
 
 def _slurm_word(value: Any, what: str) -> str:
     text = str(value)
-    if not SLURM_WORD.match(text):
+    if not SLURM_WORD.fullmatch(text):
         raise ValueError(
             f"{what} {text!r} may only contain letters, digits and _ . , : + @ / % = -"
         )
@@ -63,7 +63,7 @@ class ResourceProfile(BaseModel):
     @field_validator("time", mode="before")
     @classmethod
     def _time(cls, v: Any) -> Any:
-        if v is not None and not SLURM_TIME.match(str(v)):
+        if v is not None and not SLURM_TIME.fullmatch(str(v)):
             raise ValueError(f"time {v!r} is not a Slurm time such as '00:30:00' or '1-12:00:00'")
         return None if v is None else str(v)
 
@@ -76,14 +76,14 @@ class ResourceProfile(BaseModel):
     @classmethod
     def _gres(cls, v: Any) -> Any:
         if (isinstance(v, str) and not v.isdigit()
-                and not re.match(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_]+)*$", v)):
+                and not re.fullmatch(r"[A-Za-z0-9_]+(:[A-Za-z0-9_]+)*", v)):
             raise ValueError(f"gres {v!r} must be a GPU count or a spec such as 'gpu:a100:2'")
         return v
 
     @model_validator(mode="after")
     def _extras(self) -> ResourceProfile:
         for key, value in (self.model_extra or {}).items():
-            if not SLURM_KEY.match(key):
+            if not SLURM_KEY.fullmatch(key):
                 raise ValueError(f"resource key {key!r} must be lowercase letters, digits and _")
             if not isinstance(value, bool) and value is not None:
                 if not isinstance(value, int | float | str):
@@ -171,7 +171,7 @@ class ExperimentConfig(BaseSettings):
     @classmethod
     def _profile_names(cls, v: dict[str, ResourceProfile]) -> dict[str, ResourceProfile]:
         for name in v:
-            if not PROFILE_NAME.match(name):
+            if not PROFILE_NAME.fullmatch(name):
                 raise ValueError(
                     f"resources key {name!r} must be 'default' or a model as '<org>__<name>'"
                 )

@@ -26,7 +26,7 @@ _KNOWN = ("nodes", "ntasks_per_node", "cpus_per_task", "time", "account", "parti
 def _checked(key: str, value: object) -> str:
     text = str(value)
     pattern = SLURM_TIME if key == "time" else SLURM_WORD
-    if not pattern.match(text):
+    if not pattern.fullmatch(text):
         raise CruijffError(f"resource {key} {text!r} contains characters not allowed in Slurm")
     return text
 
@@ -43,7 +43,7 @@ def sbatch_options(resources: ResourceProfile) -> list[str]:
         spec = f"gpu:{gres}" if isinstance(gres, int) or str(gres).isdigit() else gres
         options.append(f"--gres={_checked('gres', spec)}")
     for key in sorted(resources.model_extra or {}):
-        if not SLURM_KEY.match(key):
+        if not SLURM_KEY.fullmatch(key):
             raise CruijffError(f"resource key {key!r} is not a valid Slurm option name")
         value = values.get(key)
         flag = f"--{key.replace('_', '-')}"
@@ -56,7 +56,7 @@ def sbatch_options(resources: ResourceProfile) -> list[str]:
 
 def _safe_path(path: Path) -> str:
     text = str(path)
-    if not SAFE_PATH.match(text):
+    if not SAFE_PATH.fullmatch(text):
         raise CruijffError(
             f"path {text!r} has characters Slurm cannot take in #SBATCH lines "
             "(use letters, digits and _ . / - )"
@@ -74,7 +74,7 @@ def render_script(
     description: str,
 ) -> str:
     """A standalone batch script: `sbatch <file>` runs exactly `command` in `workdir`."""
-    if not SLURM_WORD.match(job_name):
+    if not SLURM_WORD.fullmatch(job_name):
         raise CruijffError(f"job name {job_name!r} contains characters not allowed in Slurm")
     directives = [
         f"--job-name={job_name}",

@@ -24,7 +24,7 @@ DATA_ARGS = ("data_path", "data_ext")
 
 def validate_name(value: object, what: str) -> str:
     """A task or dataset name: one path component, no traversal, nothing hidden."""
-    if not isinstance(value, str) or not NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
         raise CruijffError(
             f"{what} {value!r} must be a plain file name (letters, digits, _ . -), not a path"
         )

@@ -280,8 +280,6 @@ def test_hostile_strings_in_string_values_stay_data(cli, project, tmp_path):
     assert not canary.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py renders trial labels as rich markup: a value "
-                   "'[/x]' crashes the table (MarkupError, exit 1); escape labels in cli.py")
 def test_markup_in_a_value_is_shown_not_interpreted(cli, project, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # the label on one line of the table
     result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
@@ -291,8 +289,6 @@ def test_markup_in_a_value_is_shown_not_interpreted(cli, project, monkeypatch):
     assert "[/oops] [bold]x" in result.out
 
 
-@pytest.mark.xfail(strict=True, reason="settings.py's Slurm patterns end in `$`, which also "
-                   "matches before a final newline; use re.fullmatch (or \\Z) there")
 @pytest.mark.parametrize("field", ["account", "partition", "time", "gres", "qos"])
 def test_a_final_newline_in_a_slurm_value_is_refused(cli, project, field):
     value = {"time": "00:30:00", "gres": "gpu"}.get(field, "cses")
