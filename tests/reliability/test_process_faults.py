@@ -258,3 +258,90 @@ def test_the_prefect_server_gone_for_good_fails_loudly_and_keeps_results(project
     assert again.returncode == 0, again.stdout + again.stderr
     assert {t: read_record(exp / f"trial-{t}", TOUCH).run_id for t in "bc"} == runs
     assert summary_states(exp, prefect_env) == (0, dict.fromkeys("abc", "done"))
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_eval_then_run_again(tmp_path, tiny_random_model, prefect_env):
+    """A real Inspect eval of the tiny model, its run killed -9: the eval process dies with it,
+    the record says running (summary: interrupted; Prefect: Crashed), and the next run
+    evaluates again and reports only the finished evaluation."""
+    from conftest import make_site
+
+    (tmp_path / "site").mkdir()
+    site = make_site(tmp_path / "site", tiny_random_model)
+    built = cruijff("build", "--config-path", site / "config.yaml", "--root", site, "--name",
+                    "eval-killed", "--task", "capitalization", "--dataset",
+                    "words_5L_80_1000.json", "--model", "cruijff/tiny-llama-random",
+                    "--control", "use_fine_tune=false", "--control", "eval.limit=40",
+                    env=prefect_env)
+    assert built.returncode == 0, built.stderr
+    exp = site / "eval-killed"
+    run = start_run(exp, prefect_env)
+    wait_until(lambda: status(exp, "a", "eval") == "running" and stage_processes(exp),
+               "the eval runs", proc=run)
+    time.sleep(12)  # well into the eval, and older than a flow run summary may repair
+    assert run.poll() is None
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    wait_until(lambda: not stage_processes(exp), "the eval process is gone", timeout=10)
+    assert status(exp, "a", "eval") == "running"
+
+    shown = cruijff("summary", "--json", exp, env=prefect_env)
+    data = json.loads(shown.stdout)
+    assert shown.returncode == 1
+    assert data["trials"][0]["stages"]["eval"]["state"] == "interrupted"
+    assert data["trials"][0]["prefect"] == "Crashed"
+
+    again = cruijff("run", exp, env=prefect_env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    record = read_record(exp / "trial-a", "eval")
+    assert record.status == "done" and record.attempts == 2
+    analyzed = cruijff("analyze", "--json", exp, env=prefect_env)
+    assert analyzed.returncode == 0, analyzed.stderr
+    trials = json.loads(analyzed.stdout)["trials"]
+    assert [(t["id"], t["status"], t["metric"]["n"]) for t in trials] == [("a", "ok", 40)]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_slurm_cancels_the_worker_jobs(tmp_path, tiny_random_model, prefect_env):
+    from conftest import make_site
+    from slurm_support import require_slurm
+
+    from cruijff.slurm import queued_jobs
+
+    require_slurm()
+    release = tmp_path / "release"
+    (tmp_path / "site").mkdir()
+    site = make_site(tmp_path / "site", tiny_random_model,
+                     f"pipeline: [{TOUCH}]\nrun_control_trials: false\n"
+                     "orchestration: {executor: slurm, max_jobs: 2}\n"
+                     'resources:\n  default: {time: "00:10:00", mem: 1}\n')
+    treatments = json.dumps([{f"{TOUCH}.wait_for": str(release), f"{TOUCH}.index": i}
+                             for i in range(2)])
+    built = cruijff("build", "--config-path", site / "config.yaml", "--root", site, "--name",
+                    "slurm-stop", "--task", "capitalization", "--dataset",
+                    "words_5L_80_1000.json", "--model", "cruijff/tiny-llama-random",
+                    "--treatments", treatments, env=prefect_env)
+    assert built.returncode == 0, built.stderr
+    exp = site / "slurm-stop"
+    run = start_run(exp, prefect_env)
+    try:
+        wait_until(lambda: status(exp, "a") == "running" and status(exp, "b") == "running",
+                   "both stages run in Slurm jobs", timeout=180, proc=run)
+        assert len(queued_jobs(exp.name) or []) == 2
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    wait_until(lambda: not queued_jobs(exp.name), "the worker jobs are gone", timeout=60)
+    assert unlocked(load_experiment(exp))
+    code, states = summary_states(exp, prefect_env)
+    assert code == 1 and states == {"a": "interrupted", "b": "interrupted"}
+
+    release.touch()
+    again = cruijff("run", exp, env=prefect_env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert summary_states(exp, prefect_env) == (0, {"a": "done", "b": "done"})
