@@ -243,7 +243,10 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
             # start in milliseconds where worker processes take seconds to import Prefect.
             cluster = stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=False,
-                resources={STAGE_SLOT: 1}, dashboard_address=":0", silence_logs=logging.ERROR))
+                resources={STAGE_SLOT: 1}, dashboard_address=":0",
+                # a failed stage task is cruijff's to report (results table, summary), not a
+                # 'Compute Failed' traceback on the researcher's terminal
+                silence_logs=logging.CRITICAL))
             yield {trial.id: cluster.scheduler_address for trial in trials}
             return
         if shutil.which("sbatch") is None:
