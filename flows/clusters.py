@@ -241,12 +241,14 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
         if executor == "local":
             # Workers are threads of this process: a stage is a subprocess anyway, and threads
             # start in milliseconds where worker processes take seconds to import Prefect.
+            # A failed stage task is cruijff's to report (results table, summary), not a
+            # 'Compute Failed' traceback from the in-process worker on the researcher's terminal.
+            worker_log = logging.getLogger("distributed.worker")
+            stack.callback(worker_log.setLevel, worker_log.level)
+            worker_log.setLevel(logging.CRITICAL)
             cluster = stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=False,
-                resources={STAGE_SLOT: 1}, dashboard_address=":0",
-                # a failed stage task is cruijff's to report (results table, summary), not a
-                # 'Compute Failed' traceback on the researcher's terminal
-                silence_logs=logging.CRITICAL))
+                resources={STAGE_SLOT: 1}, dashboard_address=":0", silence_logs=logging.ERROR))
             yield {trial.id: cluster.scheduler_address for trial in trials}
             return
         if shutil.which("sbatch") is None:
