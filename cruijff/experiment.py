@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import IO, Any
 from cruijff import __version__
 from cruijff.design import Design, Plan, TrialSpec, expand
 from cruijff.errors import CruijffError
-from cruijff.fileio import dump_yaml, load_yaml_mapping
+from cruijff.fileio import dump_yaml, load_yaml_mapping, lock_within
 from cruijff.models import ensure_model, family_of, model_key
 from cruijff.settings import CruijffSettings, ExperimentConfig
 from cruijff.slurm import render_script
@@ -40,7 +39,6 @@ from cruijff.tasks import TaskModule, load_task
 
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ARCHIVE = ".archive"
-RUN_LOCK_PATIENCE_S = 1.0
 
 
 @dataclass
@@ -322,22 +320,16 @@ def _holding_run_lock(path: Path, name: str) -> Iterator[None]:
     """Hold the experiment's run lock (the one runner.run_lock takes), or refuse: a
     `cruijff run` has it. Held while --force moves the folder, no run can start on it.
     `summary` and `progress` take it for an instant to see whether a run has it: a lock still
-    held after RUN_LOCK_PATIENCE_S is a run's."""
+    held after fileio.LOCK_PATIENCE_S is a run's."""
     lock = path / RECORDS / "run.lock"
     lock.parent.mkdir(exist_ok=True)
     with lock.open("a+", encoding="utf-8") as handle:
-        deadline = time.monotonic() + RUN_LOCK_PATIENCE_S
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CruijffError(
-                        f"experiment {name} is being run by `cruijff run` "
-                        f"({_lock_holder(handle)}): wait for it to finish or stop it, then "
-                        "build --force again") from None
-                time.sleep(0.05)
+        try:
+            lock_within(handle)
+        except BlockingIOError:
+            raise CruijffError(
+                f"experiment {name} is being run by `cruijff run` ({_lock_holder(handle)}): "
+                "wait for it to finish or stop it, then build --force again") from None
         yield
 
 

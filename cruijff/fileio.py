@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +256,21 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
+
+
+LOCK_PATIENCE_S = 1.0
+"""A look at a run lock (summary, progress, build --force) holds it for an instant: whoever
+wants it for real tries again for this long before refusing."""
+
+
+def lock_within(handle: Any, seconds: float = LOCK_PATIENCE_S) -> None:
+    """An exclusive flock on an open file, tried for `seconds`; BlockingIOError if still held."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -30,7 +30,7 @@ from typing import Any
 from cruijff.containment import check_contained
 from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
-from cruijff.fileio import load_yaml_mapping
+from cruijff.fileio import load_yaml_mapping, lock_within
 from cruijff.settings import OrchestrationConfig
 from cruijff.stages import STAGES, StageFailed
 from cruijff.state import (
@@ -350,23 +350,6 @@ def archive_stages(experiment: Experiment, selection: list[tuple[Trial, list[str
     return folder
 
 
-LOCK_PATIENCE_S = 1.0
-"""A look at the lock (summary, progress, build --force) holds it for an instant: a run
-starting then tries again for this long before it refuses."""
-
-
-def _lock_within(handle: Any, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @contextmanager
 def run_lock(experiment: Experiment) -> Iterator[None]:
     """One `cruijff run` per experiment at a time; the OS frees the lock if the process dies."""
@@ -374,7 +357,7 @@ def run_lock(experiment: Experiment) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+", encoding="utf-8") as handle:
         try:
-            _lock_within(handle, LOCK_PATIENCE_S)
+            lock_within(handle)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"

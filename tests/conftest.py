@@ -127,6 +127,18 @@ def project(tmp_path, tiny_random_model) -> Project:
     return Project(tmp_path, config, experiments)
 
 
+@pytest.fixture
+def built(cli, project, monkeypatch, tmp_path):
+    """A built one-treatment experiment of the project, with no Prefect server reachable."""
+    monkeypatch.setenv("CRUIJFF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing may start
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model",
+                 "cruijff/tiny-llama-random", "--dataset", "d.json", "--treatment",
+                 "finetune.model.lora_rank=4", "--name", "exp", cwd=project.experiments)
+    assert result.code == 0, result.err
+    return project.experiments / "exp"
+
+
 def copy_tree(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, symlinks=False)
     return dest

@@ -12,19 +12,6 @@ import pytest
 from cruijff.containment import check_contained
 from cruijff.errors import CruijffError
 
-TINY = "cruijff/tiny-llama-random"
-
-
-@pytest.fixture
-def built(cli, project, monkeypatch, tmp_path):
-    monkeypatch.setenv("CRUIJFF_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing may start
-    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
-                 "--dataset", "d.json", "--treatment", "finetune.model.lora_rank=4",
-                 "--name", "exp", cwd=project.experiments)
-    assert result.code == 0, result.err
-    return project.experiments / "exp"
-
 
 def snapshot(folder: Path) -> list[tuple[str, int]]:
     """Every file under `folder` (links not followed) with its size."""
