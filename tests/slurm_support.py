@@ -210,3 +210,16 @@ def timeout_probe(out_dir: Path | str | None = None) -> tuple[int, float]:
                      cwd=out)
         _timeout_probe = (job, submitted)
     return _timeout_probe
+
+
+def wait_for(condition, timeout: float, what: str):
+    """condition()'s first truthy value, polled every 0.5 s; the test fails after `timeout`."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import cruijff, make_site
-from slurm_support import require_slurm
+from slurm_support import require_slurm, wait_for
 
 from cruijff.state import read_record
 
@@ -63,16 +62,6 @@ def test_each_stage_runs_in_a_slurm_job_with_the_requested_resources(slurm_site,
     assert jobs, "no stage ran in a Slurm job"
     scripts = list((site / "onslurm" / ".cruijff" / "slurm").glob("*.out"))
     assert scripts, "worker job logs belong in the experiment folder"
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 SLOW_FINETUNE = ["--control", "torchtune.epochs=3", "--control", "eval.limit=2"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, cruijff, make_site
-from slurm_support import require_slurm
+from slurm_support import require_slurm, wait_for
 
 from cruijff.runner import load_experiment, unlocked
 from cruijff.slurm import parse_squeue, queued_jobs, waiting_note
@@ -58,16 +58,6 @@ def flow_states(env: dict, experiment: str) -> dict[str, str]:
             return {run.name: run.state_type.value for run in runs}
 
     return asyncio.run(read())
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def controller_pid() -> int | None:
