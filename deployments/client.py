@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -90,8 +92,30 @@ def wait_for(flow_run_id: UUID, poll: float = 1.0) -> bool:
         except KeyboardInterrupt:
             asyncio.run(stop())
             print(f"Stopping: asked the served deployment to cancel flow run {flow_run_id}; its "
-                  "running stages end and are recorded interrupted; `cruijff run` resumes.",
+                  "running stages end and are recorded interrupted (Ctrl-C again: stop waiting).",
                   file=sys.stderr)
+            _wait_until_stopped(state, poll)
             raise
+
+
+STOP_WAIT = 60.0
+"""How long Ctrl-C waits for the served run to end: its stages get SIGTERM, then SIGKILL after
+10 s. Until it ends it still holds the experiment, so an immediate `cruijff run` would refuse."""
+
+
+def _wait_until_stopped(state: Callable[[], Coroutine[Any, Any, State | None]],
+                        poll: float) -> None:
+    deadline = time.monotonic() + STOP_WAIT
+    try:
+        while time.monotonic() < deadline:
+            current = asyncio.run(state())
+            if current is not None and current.is_final():
+                print("Stopped: `cruijff run` resumes the experiment.", file=sys.stderr)
+                return
+            time.sleep(poll)
+        print(f"The flow run is still stopping after {STOP_WAIT:.0f} s; `cruijff run` resumes "
+              "once it has ended.", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("Not waiting: the flow run goes on stopping by itself.", file=sys.stderr)
 
 
