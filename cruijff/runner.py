@@ -82,13 +82,38 @@ class Experiment:
         raise CruijffError(f"experiment {self.name} has no trial {trial_id!r}")
 
 
+_LOADED: dict[Path, tuple[list[tuple[int, ...] | None], Experiment]] = {}
+"""Experiments this process has parsed, with the signature of the files they were parsed from."""
+LOADED_KEPT = 16
+_LOADED_LOCK = threading.Lock()  # trial subflows load from many threads
+
+
+def _stat(file: Path) -> tuple[int, ...] | None:
+    try:
+        s = file.stat()
+    except OSError:
+        return None
+    return (s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+
+
 def load_experiment(path: Path) -> Experiment:
-    """An experiment as `cruijff build` wrote it."""
+    """An experiment as `cruijff build` wrote it. A run's trial subflows and stage tasks each
+    load it; parsing every trial's config each time made a run quadratic in its trials, so
+    a parse is reused while none of those files changed (the safety checks still run)."""
     path = Path(path).expanduser().resolve()
+    cached = _LOADED.get(path)
+    if cached is not None:
+        signature, experiment = cached
+        files = [path / "config.yaml", *(t.dir / "config.yaml" for t in experiment.trials)]
+        if [_stat(f) for f in files] == signature:
+            check_contained(path, [t.dir for t in experiment.trials])
+            return experiment
+    signature = [_stat(path / "config.yaml")]  # each taken before its read: a change re-parses
     data = experiment_config(path)
     trials = []
     for entry in data["trials"]:
         folder = path / trial_dir_name(entry["id"])
+        signature.append(_stat(folder / "config.yaml"))
         trial = load_yaml_mapping(folder / "config.yaml", f"trial {entry['id']} config")
         trials.append(Trial(
             id=entry["id"], dir=folder, stages=list(trial["stages"]),
@@ -98,7 +123,14 @@ def load_experiment(path: Path) -> Experiment:
         ))
     orchestration = OrchestrationConfig(**data.get("config", {}).get("orchestration", {}))
     check_contained(path, [t.dir for t in trials])
-    return Experiment(path, data["name"], trials, orchestration)
+    experiment = Experiment(path, data["name"], trials, orchestration)
+    with _LOADED_LOCK:
+        _LOADED.pop(path, None)
+        if None not in signature:
+            _LOADED[path] = (signature, experiment)
+            while len(_LOADED) > LOADED_KEPT:
+                _LOADED.pop(next(iter(_LOADED)))
+    return experiment
 
 
 def select(experiment: Experiment, trials: str | None = None,
