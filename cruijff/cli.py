@@ -562,8 +562,9 @@ def _without_cruijff_errors_on_console() -> None:
     logging.raiseExceptions = False  # Prefect's API log handler writes its failures to stderr
 
 
-_NOISY_WITHOUT_SERVER = ("prefect.events.clients",)
-"""Without its server, Prefect's event client warns about every reconnect; the run ends with
+_NOISY_WITHOUT_SERVER = ("prefect.events.clients", "EventsWorker", "APILogWorker")
+"""Without its server, Prefect's event client warns about every reconnect and its queue
+services (loggers named by class) that items are still waiting at exit; the run ends with
 cruijff's own line about the lost server instead."""
 
 
