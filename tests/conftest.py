@@ -21,6 +21,16 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "capitalization"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `-n` (pytest-xdist, `--dist loadgroup`) a module's tests share a worker, so its
+    module fixtures are built once; tests marked `slurm` share one, since they use the one
+    cluster (one drains its node, another stops its controller)."""
+    for item in items:
+        slurm = item.get_closest_marker("slurm") is not None
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.module.__name__))
+
+
 @dataclass
 class Result:
     code: int

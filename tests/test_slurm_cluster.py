@@ -15,6 +15,8 @@ from slurm_support import (
     wait_for_state,
 )
 
+pytestmark = pytest.mark.slurm
+
 
 @pytest.fixture(scope="module")
 def timeout_job(tmp_path_factory):

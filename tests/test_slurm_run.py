@@ -13,7 +13,7 @@ from slurm_support import require_slurm, wait_for
 
 from cruijff.state import read_record
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 TINY = "cruijff/tiny-llama-random"
 SLURM_CONFIG = """orchestration: {executor: slurm, retries: RETRIES, max_jobs: 2}
 resources:

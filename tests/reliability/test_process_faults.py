@@ -310,6 +310,7 @@ def test_kill_9_during_an_eval_then_run_again(tmp_path, tiny_random_model, prefe
 
 
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_ctrl_c_on_slurm_cancels_the_worker_jobs(tmp_path, tiny_random_model, prefect_env):
     from conftest import make_site
     from slurm_support import require_slurm

@@ -24,7 +24,7 @@ from cruijff.runner import load_experiment, unlocked
 from cruijff.slurm import parse_squeue, queued_jobs, waiting_note
 from cruijff.state import read_record
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 TINY = "cruijff/tiny-llama-random"
 NODE = socket.gethostname().split(".")[0]  # scripts/slurm/start.sh: the one node
 CONFIG = """orchestration: {{executor: slurm, retries: 0, max_jobs: 1, submit_retries: {retries},
