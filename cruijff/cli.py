@@ -572,11 +572,9 @@ def _not_cruijff_error(record: logging.LogRecord) -> bool:
     """Drop errors the CLI reports itself: cruijff's, and a lost Prefect server."""
     if record.name.startswith(_NOISY_WITHOUT_SERVER) and record.levelno < logging.CRITICAL:
         return False
-    if not record.exc_info:
+    if not record.exc_info or record.exc_info[1] is None:
         return True
-    import httpx
-
-    return not isinstance(record.exc_info[1], CruijffError | httpx.TransportError)
+    return not (isinstance(record.exc_info[1], CruijffError) or _server_lost(record.exc_info[1]))
 
 
 class _SlurmWaits:

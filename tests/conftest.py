@@ -31,6 +31,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.module.__name__))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist 3.8 marks a group in `Node._nodeid`, which pytest 9.2 no longer reads: its
+    groups would be silently ignored, and the Slurm tests run on both workers at once."""
+    if config.getoption("dist", "no") == "loadgroup" and \
+            tuple(int(p) for p in pytest.__version__.split(".")[:2]) >= (9, 2):
+        raise pytest.UsageError("pytest-xdist ignores --dist loadgroup under pytest "
+                                f"{pytest.__version__}: install 'pytest<9.2' (the dev extra "
+                                "asks for it)")
+
+
 @dataclass
 class Result:
     code: int

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from rich.console import Console
 
 TINY = "cruijff/tiny-llama-random"
 
@@ -281,7 +282,9 @@ def test_hostile_strings_in_string_values_stay_data(cli, project, tmp_path):
 
 
 def test_markup_in_a_value_is_shown_not_interpreted(cli, project, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "300")  # the label on one line of the table
+    # The label on one line of the table. (Not COLUMNS: a console takes it when cruijff.cli is
+    # imported, and under pytest-xdist that happens with the worker's COLUMNS=80.)
+    monkeypatch.setattr("cruijff.cli.out", Console(highlight=False, width=300))
     result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
                  "--dataset", "d.json", "--name", "exp", "--treatments",
                  '{"eval.generate.system_message": "[/oops] [bold]x"}', cwd=project.experiments)

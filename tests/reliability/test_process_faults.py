@@ -228,14 +228,14 @@ def test_the_prefect_server_killed_and_restarted_mid_run_goes_on(project, prefec
 
 def test_the_prefect_server_gone_for_good_fails_loudly_and_keeps_results(project, prefect_env,
                                                                         tmp_path):
-    """Not back: the run stops with one line (here after 1 client retry instead of 5); what
+    """Not back: the run stops with one line (here after 2 client retries instead of 5); what
     finished meanwhile is recorded; summary explains from disk; the next run resumes."""
     from flows.server import server_status, start_server
 
     home = Path(prefect_env["CRUIJFF_HOME"])
     release = tmp_path / "release"
     exp = build_touch(project, prefect_env, "server-gone", ["", str(release), str(release)])
-    env = dict(prefect_env, PREFECT_CLIENT_MAX_RETRIES="1")  # a call waits 2 s, not 62 s
+    env = dict(prefect_env, PREFECT_CLIENT_MAX_RETRIES="2")  # a call waits 2+4 s, not 62 s
     run = start_run(exp, env, "--workers", "3")
     # (a has nothing to wait for: it may be done already)
     wait_until(lambda: status(exp, "b") == status(exp, "c") == "running", "b and c run",
