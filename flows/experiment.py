@@ -12,8 +12,10 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, tags, task
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelled, State
 from prefect_dask import DaskTaskRunner
 
@@ -59,6 +61,21 @@ class _SharedStages:
 
 
 _RUNS: dict[str, _SharedStages] = {}
+
+SERVER_BUSY_PAUSES_S = (10.0, 30.0)
+
+
+def _start_trial(subflow: Any, *args: Any) -> str:
+    """Run a trial's subflow; its final state's type. A trial the Prefect server refused as busy
+    (HTTP 503 after the client's own retries: a SQLite-backed server under load) starts again
+    after each of SERVER_BUSY_PAUSES_S; its finished stages are skipped, so nothing runs twice."""
+    for pause in SERVER_BUSY_PAUSES_S:
+        try:
+            return subflow(*args, return_state=True).type.value
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code != 503 or STOP.wait(pause):
+                raise
+    return subflow(*args, return_state=True).type.value
 
 
 def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: int) -> dict:
@@ -187,9 +204,8 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
                             flow_run_name=f"{exp.name}/trial-{trial.id}",
                             task_runner=DaskTaskRunner(address=addresses[trial.id]),
                         )
-                        state = subflow(experiment, trial.id, stages, run_id, threads, retries,
-                                        return_state=True)
-                        return state.type.value
+                        return _start_trial(subflow, experiment, trial.id, stages, run_id,
+                                            threads, retries)
 
                 # Trials beyond what the workers can run wait here, not as live subflows: 200
                 # subflows at once overwhelm a SQLite-backed Prefect server (HTTP 503).

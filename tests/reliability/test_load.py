@@ -59,12 +59,13 @@ def test_200_trials_of_a_trivial_stage_through_prefect_and_dask(project, prefect
     wall = time.monotonic() - start
     peak_mb = int(run.stderr.rsplit("peak_rss_kb", 1)[1].split()[0]) / 1024
     print(f"\n{TRIALS} trials: wall {wall:.1f} s, peak RSS {peak_mb:.0f} MB")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = {trial: read_record(trial, "testing_touch") for trial in exp.glob("trial-*")}
+    not_done = sorted(t.name for t, r in records.items() if r is None or r.status != "done")
+    assert run.returncode == 0, f"not done: {not_done}\n{run.stderr[-3000:]}"
     assert "database is locked" not in run.stdout + run.stderr
 
-    for trial in exp.glob("trial-*"):
-        record = read_record(trial, "testing_touch")
-        assert record is not None and record.status == "done", trial
+    assert not not_done
+    for trial in records:
         assert (trial / "touch" / "output.txt").read_text().split()[0] == trial.name[6:]
 
     summary = cruijff("summary", "--json", exp, env=prefect_env)

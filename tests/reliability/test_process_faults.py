@@ -265,6 +265,47 @@ def test_the_prefect_server_gone_for_good_fails_loudly_and_keeps_results(project
     assert summary_states(exp, prefect_env) == (0, dict.fromkeys("abc", "done"))
 
 
+def test_a_trial_the_busy_server_refused_starts_again(project, prefect_env, monkeypatch):
+    """A SQLite-backed Prefect server under load answers 503 even after the client's retries.
+    The trial it refused starts again after a pause (here the answer is injected once, into
+    trial b's subflow, in a run in this process); nothing runs twice, the run completes."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.experiment
+
+    exp = build_touch(project, prefect_env, "busy", ["", ""])
+    real, refused = flows.experiment.trial_flow, []
+
+    class BusyOnce:
+        def with_options(self, **options):
+            subflow = real.with_options(**options)
+
+            def call(experiment, trial_id, *args, **kwargs):
+                if trial_id == "b" and not refused:
+                    refused.append(trial_id)
+                    request = httpx.Request("POST", f"{prefect_env['PREFECT_API_URL']}/task_runs/")
+                    response = httpx.Response(503, request=request)
+                    raise PrefectHTTPStatusError.from_httpx_error(httpx.HTTPStatusError(
+                        "Service Unavailable", request=request, response=response))
+                return subflow(experiment, trial_id, *args, **kwargs)
+
+            return call
+
+    monkeypatch.setattr(flows.experiment, "trial_flow", BusyOnce())
+    monkeypatch.setattr(flows.experiment, "SERVER_BUSY_PAUSES_S", (0.5,))
+    monkeypatch.setenv("CRUIJFF_HOME", prefect_env["CRUIJFF_HOME"])
+    with temporary_settings({PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}):
+        assert flows.experiment.run_experiment(exp, workers=2)
+    assert refused == ["b"]
+    assert [read_record(exp / f"trial-{t}", TOUCH).attempts for t in "ab"] == [1, 1]
+    assert summary_states(exp, prefect_env) == (0, dict.fromkeys("ab", "done"))
+    flows_run = asyncio.run(flow_run_states(prefect_env["PREFECT_API_URL"], exp.name))
+    assert flows_run == {exp.name: "COMPLETED", f"{exp.name}/trial-a": "COMPLETED",
+                         f"{exp.name}/trial-b": "COMPLETED"}
+
+
 @pytest.mark.slow
 def test_kill_9_during_an_eval_then_run_again(tmp_path, tiny_random_model, prefect_env):
     """A real Inspect eval of the tiny model, its run killed -9: the eval process dies with it,
