@@ -17,7 +17,6 @@ health checks use urllib.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from cruijff.errors import CruijffError
+from cruijff.fileio import lock_within
 
 DEFAULT_HOST = "127.0.0.1"
 STATE_FILE = "server.json"
@@ -208,18 +208,13 @@ def _locked(sdir: Path, timeout: float) -> Iterator[None]:
     sdir.mkdir(parents=True, exist_ok=True)
     fd = os.open(sdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + max(timeout, 1) + 30
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CruijffError(
-                        f"another cruijff process holds {sdir / LOCK_FILE} (starting or "
-                        "stopping the Prefect server); try again when it is done"
-                    ) from None
-                time.sleep(0.1)
+        try:
+            lock_within(fd, max(timeout, 1) + 30)
+        except BlockingIOError:
+            raise CruijffError(
+                f"another cruijff process holds {sdir / LOCK_FILE} (starting or "
+                "stopping the Prefect server); try again when it is done"
+            ) from None
         yield
     finally:
         os.close(fd)  # releases the lock
