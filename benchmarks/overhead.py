@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    from flows.server import ensure_api
+    from cruijff.flows.server import ensure_api
 
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp)

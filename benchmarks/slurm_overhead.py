@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
     args = parser.parse_args()
-    from flows.server import ensure_api
+    from cruijff.flows.server import ensure_api
 
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
         site = Path(tmp)

@@ -327,7 +327,7 @@ def _dry_run(exp: Experiment, selection: Selection, executor: str, force: bool) 
     out.print(f"Would run {len(todo)} stage(s) of {exp.name} on {executor}: "
               + ", ".join(f"{t.id}/{s}" for t, s in todo), markup=False)
     if executor == "slurm":
-        from flows.clusters import job_scripts
+        from cruijff.flows.clusters import job_scripts
 
         for profile, script in job_scripts(exp, [t for t, _ in selection]).items():
             out.rule(f"worker job script: {profile}")
@@ -347,12 +347,12 @@ def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local:
     # Prefect's background services log each event they could not send while its server is
     # away; a lost server ends the run with cruijff's own line instead.
     os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
-    from flows.server import ensure_api
+    from cruijff.flows.server import ensure_api
 
     with err.status("Starting the Prefect server ..."):
         info = ensure_api(CruijffSettings().home)
     err.print(f"Prefect UI: {info.ui_url}  (runs tagged exp:{exp.name})", markup=False)
-    from deployments.client import served_experiment_deployment, trigger, wait_for
+    from cruijff.deployments.client import served_experiment_deployment, trigger, wait_for
 
     deployment = None if local else served_experiment_deployment()
     if deployment is not None:
@@ -364,7 +364,7 @@ def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local:
             return None
         work = lambda: wait_for(flow_run)  # noqa: E731
     else:
-        from flows.experiment import run_experiment
+        from cruijff.flows.experiment import run_experiment
 
         work = lambda: run_experiment(**parameters)  # noqa: E731
     _without_cruijff_errors_on_console()
@@ -417,7 +417,7 @@ def summary(
 
     exp = load_experiment(experiment)
     result = summarize(exp, select(exp, trials, stage))
-    from flows.server import running_api
+    from cruijff.flows.server import running_api
 
     api = running_api(CruijffSettings().home)
     flow_states: dict[str, str] = {}
@@ -425,8 +425,8 @@ def summary(
         result.notices.append("The Prefect server is not running: this summary is from disk "
                               "(and Slurm) only.")
     else:
+        from cruijff.flows.status import prefect_view
         from cruijff.runner import unlocked
-        from flows.status import prefect_view
 
         flow_states, notice = prefect_view(
             api, exp.name, unheld=None if result.running else (lambda: unlocked(exp)))
@@ -659,12 +659,12 @@ def _progress_view(exp: Experiment, selection: Selection, elapsed: float | None)
 def serve() -> None:
     """Serve the experiment and re-run deployments from this process (until Ctrl-C), so
     `cruijff run` and scheduled re-runs go through Prefect deployments."""
+    from cruijff.flows.server import ensure_api
     from cruijff.settings import CruijffSettings
-    from flows.server import ensure_api
 
     info = ensure_api(CruijffSettings().home)
     err.print(f"Serving cruijff deployments on {info.ui_url} (Ctrl-C stops)", markup=False)
-    from deployments.serve import serve as serve_deployments
+    from cruijff.deployments.serve import serve as serve_deployments
 
     serve_deployments()
 
@@ -676,11 +676,11 @@ def deploy(
 ) -> None:
     """Register the deployments on a work pool; run `prefect worker start --pool NAME` on the
     machine that should execute them (e.g. an HPC login or service node)."""
+    from cruijff.flows.server import ensure_api
     from cruijff.settings import CruijffSettings
-    from flows.server import ensure_api
 
     info = ensure_api(CruijffSettings().home)
-    from deployments.serve import deploy as deploy_deployments
+    from cruijff.deployments.serve import deploy as deploy_deployments
 
     ids = deploy_deployments(pool)
     out.print(f"Registered {len(ids)} deployments on pool {pool!r} at {info.url}. Start a "
@@ -698,11 +698,11 @@ def schedule_reruns(
     """Re-run an experiment's failed trials on a schedule (only their unfinished stages)."""
     if (cron is None) == (not off):
         raise CruijffError("give --cron EXPRESSION, or --off to remove the schedule")
+    from cruijff.flows.server import ensure_api
     from cruijff.settings import CruijffSettings
-    from flows.server import ensure_api
 
     ensure_api(CruijffSettings().home)
-    from deployments.serve import schedule_reruns as apply
+    from cruijff.deployments.serve import schedule_reruns as apply
 
     out.print(apply(str(experiment), None if off else cron), markup=False)
 
@@ -715,8 +715,8 @@ def server_start(
     = None,
 ) -> None:
     """Start the local Prefect server (on 127.0.0.1) if it is not running; print its address."""
+    from cruijff.flows.server import start_server
     from cruijff.settings import CruijffSettings
-    from flows.server import start_server
 
     with err.status("Starting the Prefect server ..."):
         settings = CruijffSettings()
@@ -729,8 +729,8 @@ def server_start(
 @server_app.command("stop")
 def server_stop() -> None:
     """Stop the local Prefect server."""
+    from cruijff.flows.server import stop_server
     from cruijff.settings import CruijffSettings
-    from flows.server import stop_server
 
     stopped = stop_server(CruijffSettings().home)
     out.print("Prefect server stopped." if stopped else "No cruijff Prefect server was running.")
@@ -739,8 +739,8 @@ def server_stop() -> None:
 @server_app.command("status")
 def server_status(as_json: JsonFlag = False) -> None:
     """Is the local Prefect server running? Exit code 0 if it is, 1 if not."""
+    from cruijff.flows.server import server_status as status
     from cruijff.settings import CruijffSettings
-    from flows.server import server_status as status
 
     info = status(CruijffSettings().home)
     if as_json:

@@ -10,6 +10,8 @@ import asyncio
 import os
 from uuid import UUID
 
+from cruijff.deployments.client import EXPERIMENT_DEPLOYMENT, RERUN_DEPLOYMENT
+from cruijff.flows.experiment import experiment_flow
 from prefect import flow, tags
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.schedules import CronSchedule
@@ -17,8 +19,6 @@ from prefect.flows import EntrypointType
 
 from cruijff.errors import CruijffError
 from cruijff.runner import load_experiment, unfinished_trials, unlocked
-from deployments.client import EXPERIMENT_DEPLOYMENT, RERUN_DEPLOYMENT
-from flows.experiment import experiment_flow
 
 
 def _rerun(experiment: str) -> str:
@@ -44,8 +44,8 @@ def _deployments(work_pool: str | None = None) -> list:
     functions, see flows/experiment.py, so the entrypoint names the object)."""
     deployments = []
     for flow_object, entrypoint, name in (
-        (experiment_flow, "flows.experiment.experiment_flow", EXPERIMENT_DEPLOYMENT),
-        (rerun_flow, "deployments.serve.rerun_flow", RERUN_DEPLOYMENT),
+        (experiment_flow, "cruijff.flows.experiment.experiment_flow", EXPERIMENT_DEPLOYMENT),
+        (rerun_flow, "cruijff.deployments.serve.rerun_flow", RERUN_DEPLOYMENT),
     ):
         kinds = {"work_pool_name": work_pool, "entrypoint_type": EntrypointType.MODULE_PATH} \
             if work_pool else {}

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cruijff.flows.clusters import clusters, wait_for_stage
 from prefect import flow, tags, task
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelled, State
@@ -39,7 +40,6 @@ from cruijff.runner import (
 )
 from cruijff.slurm import SlurmSubmitError
 from cruijff.state import read_record
-from flows.clusters import clusters, wait_for_stage
 
 
 class StageFailedError(CruijffError):

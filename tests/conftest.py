@@ -167,7 +167,7 @@ def copy_tree(src: Path, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def prefect_env(tmp_path_factory):
     """A managed Prefect server in a private cruijff home, and the environment to reach it."""
-    from flows.server import start_server, stop_server
+    from cruijff.flows.server import start_server, stop_server
 
     home = tmp_path_factory.mktemp("cruijff-home")
     info = start_server(home)

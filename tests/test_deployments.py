@@ -38,7 +38,7 @@ def served(prefect_env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        found = subprocess.run([sys.executable, "-c", "from deployments.client import "
+        found = subprocess.run([sys.executable, "-c", "from cruijff.deployments.client import "
                                 "served_experiment_deployment as s; print(s() or '')"],
                                env=prefect_env, capture_output=True, text=True)
         if found.stdout.strip():
@@ -204,7 +204,7 @@ def test_deploy_registers_both_deployments_on_a_process_pool(tmp_path):
     """On its own server: registering on a pool replaces what `cruijff serve` serves."""
     import os
 
-    from flows.server import start_server, stop_server
+    from cruijff.flows.server import start_server, stop_server
 
     info = start_server(tmp_path / "home")
     try:
@@ -225,6 +225,6 @@ def test_deploy_registers_both_deployments_on_a_process_pool(tmp_path):
         pool, deployments = asyncio.run(read())
         assert pool.type == "process"
         assert [d.work_pool_name for d in deployments] == ["hpc", "hpc"]
-        assert deployments[0].entrypoint == "flows.experiment.experiment_flow"
+        assert deployments[0].entrypoint == "cruijff.flows.experiment.experiment_flow"
     finally:
         stop_server(tmp_path / "home")

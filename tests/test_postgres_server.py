@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cruijff.flows.server import start_server, stop_server
 from postgres_support import Database, fresh_database, query, require_postgres
 
 from cruijff.errors import CruijffError
-from flows.server import start_server, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,7 +153,7 @@ def test_cli_server_start_with_database_url(db, tmp_path):
 ENSURE = """
 import json, os
 from pathlib import Path
-from flows.server import ensure_api, stop_server
+from cruijff.flows.server import ensure_api, stop_server
 home = Path(os.environ["CRUIJFF_HOME"])
 try:
     info = ensure_api(home)

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from cruijff.errors import CruijffError
-from flows.server import (
+from cruijff.flows.server import (
     ServerInfo,
     ensure_api,
     mask_url,
@@ -21,6 +19,8 @@ from flows.server import (
     start_server,
     stop_server,
 )
+
+from cruijff.errors import CruijffError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,7 +153,7 @@ def test_stop_then_recover_from_stale_state_with_concurrent_starts(home, server)
 
     # Two processes start at once: one server, on the port it had before.
     code = (
-        "import sys; from pathlib import Path; from flows.server import start_server; "
+        "import sys; from pathlib import Path; from cruijff.flows.server import start_server; "
         "print(start_server(Path(sys.argv[1])).pid)"
     )
     procs = [

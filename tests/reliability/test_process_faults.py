@@ -208,7 +208,7 @@ def test_a_record_from_before_fingerprints_still_counts_as_done(project, prefect
 def test_the_prefect_server_killed_and_restarted_mid_run_goes_on(project, prefect_env,
                                                                  tmp_path):
     """Back within the Prefect client's retries (about a minute): the run does not notice."""
-    from flows.server import server_status, start_server
+    from cruijff.flows.server import server_status, start_server
 
     home = Path(prefect_env["CRUIJFF_HOME"])
     release = tmp_path / "release"
@@ -230,7 +230,7 @@ def test_the_prefect_server_gone_for_good_fails_loudly_and_keeps_results(project
                                                                         tmp_path):
     """Not back: the run stops with one line (here after 2 client retries instead of 5); what
     finished meanwhile is recorded; summary explains from disk; the next run resumes."""
-    from flows.server import server_status, start_server
+    from cruijff.flows.server import server_status, start_server
 
     home = Path(prefect_env["CRUIJFF_HOME"])
     release = tmp_path / "release"
@@ -269,14 +269,13 @@ def test_a_trial_the_busy_server_refused_starts_again(project, prefect_env, monk
     """A SQLite-backed Prefect server under load answers 503 even after the client's retries.
     The trial it refused starts again after a pause (here the answer is injected once, into
     trial b's subflow, in a run in this process); nothing runs twice, the run completes."""
+    import cruijff.flows.experiment
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    import flows.experiment
-
     exp = build_touch(project, prefect_env, "busy", ["", ""])
-    real, refused = flows.experiment.trial_flow, []
+    real, refused = cruijff.flows.experiment.trial_flow, []
 
     class BusyOnce:
         def with_options(self, **options):
@@ -293,11 +292,11 @@ def test_a_trial_the_busy_server_refused_starts_again(project, prefect_env, monk
 
             return call
 
-    monkeypatch.setattr(flows.experiment, "trial_flow", BusyOnce())
-    monkeypatch.setattr(flows.experiment, "SERVER_BUSY_PAUSES_S", (0.5,))
+    monkeypatch.setattr(cruijff.flows.experiment, "trial_flow", BusyOnce())
+    monkeypatch.setattr(cruijff.flows.experiment, "SERVER_BUSY_PAUSES_S", (0.5,))
     monkeypatch.setenv("CRUIJFF_HOME", prefect_env["CRUIJFF_HOME"])
     with temporary_settings({PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}):
-        assert flows.experiment.run_experiment(exp, workers=2)
+        assert cruijff.flows.experiment.run_experiment(exp, workers=2)
     assert refused == ["b"]
     assert [read_record(exp / f"trial-{t}", TOUCH).attempts for t in "ab"] == [1, 1]
     assert summary_states(exp, prefect_env) == (0, dict.fromkeys("ab", "done"))

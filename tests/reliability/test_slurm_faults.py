@@ -163,13 +163,14 @@ def fake_sbatch(tmp_path: Path, monkeypatch, *, fail: int, hang: bool = False) -
     script.write_text(FAKE_SBATCH.format(fail=fail, hang="sleep 30; " if hang else ""))
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
-    monkeypatch.setattr("flows.clusters.FIRST_WAIT_S", 0.2)
+    monkeypatch.setattr("cruijff.flows.clusters.FIRST_WAIT_S", 0.2)
     return script
 
 
 def submitter(tmp_path: Path, retries: int, budget: float):
+    from cruijff.flows.clusters import Submitter
+
     from cruijff.settings import OrchestrationConfig
-    from flows.clusters import Submitter
 
     return Submitter(OrchestrationConfig(submit_retries=retries, submit_timeout_s=budget),
                      tmp_path / "submit.log")
