@@ -21,13 +21,12 @@ from cruijff import __version__
 from cruijff.errors import CruijffError
 
 if TYPE_CHECKING:  # the CLI imports the core lazily, so `--help` stays fast
-    import logging
 
     from rich.console import Group, RenderableType
 
     from cruijff.experiment import BuildRequest, Built
+    from cruijff.pipeline import RunPlan
     from cruijff.runner import Experiment, Trial
-    from cruijff.state import StageRecord
     from cruijff.summary import Summary
 
 Selection = list[tuple["Trial", list[str]]]
@@ -152,44 +151,44 @@ def build(
 
 
 STATUS_STYLE = {"done": "green", "reused": "green", "skipped": "green", "failed": "red",
-                "running": "yellow", "pending": "dim", "interrupted": "red"}
+                "running": "yellow", "pending": "dim", "interrupted": "red", "blocked": "dim",
+                "outdated": "yellow", "damaged": "yellow"}
 
 
-def _stage_cells(records: dict[str, StageRecord | None], stages: list[str]) -> list[str]:
-    cells = []
-    for stage in stages:
-        record = records.get(stage)
-        status = record.status if record else "pending"
-        text = status if status != "reused" else f"reused {record.reused_from}"
-        if record and record.duration_s is not None and status != "reused":
-            text += f" {record.duration_s:.0f}s"
-        cells.append(f"[{STATUS_STYLE.get(status, 'default')}]{text}[/]")
-    return cells
-
-
-def _results(selection: Selection) -> tuple[Table, list[dict], bool]:
-    """Trials x stages from the records on disk, with each trial's score and final loss."""
-    from cruijff.state import read_record
+def _results(selection: Selection, *, held: bool) -> tuple[Table, list[dict], bool]:
+    """Trials x stages as runner.trial_states sees them, with each stage's headline metrics
+    (accuracy, final loss)."""
+    from cruijff.registry import STAGES
+    from cruijff.runner import trial_states
 
     stages = list(dict.fromkeys(s for _, trial_stages in selection for s in trial_stages))
+    headlines = [(stage, h) for stage in stages for h in STAGES[stage].headlines]
     table = Table(title="trials")
-    for column in ("trial", "treatment", *stages, "accuracy", "final loss"):
+    for column in ("trial", "treatment", *stages, *(h.column for _, h in headlines)):
         table.add_column(column, overflow="fold")
     rows, all_done = [], True
     for trial, trial_stages in selection:
-        records = {s: read_record(trial.dir, s) for s in trial.stages}
-        all_done &= all(records[s] is not None and records[s].is_done for s in trial_stages)
-        accuracy = (records.get("eval") and records["eval"].metrics.get("accuracy"))
-        loss = (records.get("finetune") and records["finetune"].metrics.get("loss_last"))
-        cells = [c if s in trial_stages else "" for s, c in
-                 zip(stages, _stage_cells(records, stages), strict=True)]
+        states = trial_states(trial, trial_stages, held=held)
+        all_done &= all(state.is_done for state in states.values())
+        values = {h.key: (states[stage].record.metrics.get(h.metric)
+                          if stage in states and states[stage].record else None)
+                  for stage, h in headlines}
+        cells = []
+        for stage in stages:
+            state = states.get(stage)
+            if state is None:
+                cells.append("")
+                continue
+            record = state.record
+            text = state.state if state.state != "reused" else f"reused {record.reused_from}"
+            if record and record.duration_s is not None and state.state != "reused":
+                text += f" {record.duration_s:.0f}s"
+            cells.append(f"[{STATUS_STYLE.get(state.state, 'default')}]{text}[/]")
         table.add_row(trial.id, Text(trial.label), *cells,
-                      "-" if accuracy is None else f"{accuracy:.3f}",
-                      "-" if loss is None else f"{loss:.4f}")
-        rows.append({"id": trial.id, "label": trial.label, "accuracy": accuracy,
-                     "final_loss": loss,
-                     "stages": {s: (records[s].status if records[s] else "pending")
-                                for s in trial_stages}})
+                      *("-" if values[h.key] is None else format(values[h.key], h.format)
+                        for _, h in headlines))
+        rows.append({"id": trial.id, "label": trial.label, **values,
+                     "stages": {s: state.state for s, state in states.items()}})
     return table, rows, all_done
 
 
@@ -241,56 +240,33 @@ def run(
 
     Runs through the served experiment deployment when there is one (see `cruijff serve`),
     else in this process. Exit code 0 when every selected stage is done, 1 when any failed."""
-    from cruijff.runner import (
-        check_writable,
-        load_experiment,
-        pending,
-        select,
-        unfinished_trials,
-        unlocked,
-    )
+    from cruijff.pipeline import RunPlan, experiment_to_run
 
-    if executor not in (None, "local", "slurm"):
-        raise CruijffError(f"--executor must be local or slurm, not {executor!r}")
     if experiment is None:
         if config_path is None or task is None:
             raise CruijffError("give an experiment folder, or --config-path and --task to build "
                                "one first (see cruijff run --help)")
-        from cruijff.experiment import matching_experiment
-
         request = _request(config_path, task, dataset=dataset, model=model, control=control,
                            controls=controls, control_path=control_path, treatment=treatment,
                            treatments=treatments, treatment_path=treatment_path, name=name,
                            root=root)
-        experiment = None if force else matching_experiment(request)
-        if experiment is None:  # new, changed, or --force: build it (again)
-            experiment = _build(request, dry_run=False, force=force, as_json=False).path
-            force = False
+        experiment, force = experiment_to_run(
+            request, force, lambda r, f: _build(r, dry_run=False, force=f, as_json=False).path)
     elif config_path is not None or task is not None:
         raise CruijffError("give either an experiment folder or build options, not both")
 
-    exp = load_experiment(experiment)
-    if failed:
-        if trials is not None:
-            raise CruijffError("--failed picks the trials itself: drop --trials")
-        trials = ",".join(t.id for t in unfinished_trials(exp)) or None
-        if trials is None:
-            out.print(f"Experiment {exp.name} has no failed trials.")
-            return
-    selection = select(exp, trials, stage)
-    if not selection:
-        raise CruijffError(f"nothing selected: no trial of {exp.name} has stage {stage!r}")
-    if not unlocked(exp):
-        raise CruijffError(f"experiment {exp.name} is already being run: wait for it to finish "
-                           "or stop it first")
-    if not dry_run:
-        check_writable(exp)
-    executor = executor or exp.orchestration.executor
-    if dry_run:
-        _dry_run(exp, selection, executor, force)
+    plan = RunPlan.make(experiment, stage=stage, trials=trials, failed=failed, force=force,
+                        executor=executor, workers=workers)
+    if plan.note:
+        out.print(plan.note, markup=False)
         return
-    if not force and not pending(selection):
-        table, rows, _ = _results(selection)
+    if dry_run:
+        _dry_run(plan)
+        return
+    plan.check_startable()
+    exp = plan.experiment
+    if not plan.todo():
+        table, rows, _ = _results(plan.selection, held=False)
         if as_json:
             print(json.dumps({"experiment": exp.name, "ran": False, "trials": rows}))
         else:
@@ -298,14 +274,12 @@ def run(
             out.print(f"Experiment {exp.name} is already complete: nothing to run "
                       "(--force re-runs).", markup=False)
         return
-    parameters = {"experiment": str(exp.path), "stage": stage, "trials": trials,
-                  "workers": workers, "executor": executor, "force": force}
-    ok = _run_flow(exp, selection, parameters, local=local, wait=wait, quiet=quiet or as_json)
+    ok = _launch(plan, local=local, wait=wait, quiet=quiet or as_json)
     if ok is None:  # triggered without waiting
         return
     from cruijff.runner import STOP
 
-    table, rows, all_done = _results(selection)
+    table, rows, all_done = _results(plan.selection, held=False)
     if as_json:
         print(json.dumps({"experiment": exp.name, "ran": True, "stopped": STOP.is_set(),
                           "trials": rows}))
@@ -320,83 +294,47 @@ def run(
         raise typer.Exit(1)
 
 
-def _dry_run(exp: Experiment, selection: Selection, executor: str, force: bool) -> None:
-    from cruijff.runner import pending
-
-    todo = [(t, s) for t, stages in selection for s in stages] if force else pending(selection)
-    out.print(f"Would run {len(todo)} stage(s) of {exp.name} on {executor}: "
+def _dry_run(plan: RunPlan) -> None:
+    todo = plan.todo()
+    out.print(f"Would run {len(todo)} stage(s) of {plan.experiment.name} on {plan.executor}: "
               + ", ".join(f"{t.id}/{s}" for t, s in todo), markup=False)
-    if executor == "slurm":
+    if plan.executor == "slurm":
         from cruijff.flows.clusters import job_scripts
 
-        for profile, script in job_scripts(exp, [t for t, _ in selection]).items():
+        for profile, script in job_scripts(plan.experiment,
+                                           [t for t, _ in plan.selection]).items():
             out.rule(f"worker job script: {profile}")
             out.print(script, markup=False, highlight=False)
 
 
-def _run_flow(exp: Experiment, selection: Selection, parameters: dict, *, local: bool,
-              wait: bool, quiet: bool) -> bool | None:
-    """Start (or find) the Prefect server; trigger the served deployment, or run the flow
-    here. True/False: every selected stage succeeded or not; None: triggered, not awaited."""
+def _launch(plan: RunPlan, *, local: bool, wait: bool, quiet: bool) -> bool | None:
+    """Run the plan through Prefect, showing the trials table live. True/False: every
+    selected stage succeeded or not; None: triggered on a deployment, not awaited."""
     from rich.live import Live
 
-    from cruijff.settings import CruijffSettings
+    from cruijff.deployments.launch import connect, launch
+    from cruijff.slurm import QueueWatcher
 
-    for handler in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):
-        os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{handler}_LEVEL", "WARNING")
-    # Prefect's background services log each event they could not send while its server is
-    # away; a lost server ends the run with cruijff's own line instead.
-    os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
-    from cruijff.flows.server import ensure_api
-
+    exp = plan.experiment
     with err.status("Starting the Prefect server ..."):
-        info = ensure_api(CruijffSettings().home)
-    err.print(f"Prefect UI: {info.ui_url}  (runs tagged exp:{exp.name})", markup=False)
-    from cruijff.deployments.client import served_experiment_deployment, trigger, wait_for
-
-    deployment = None if local else served_experiment_deployment()
-    if deployment is not None:
-        flow_run = trigger(deployment, parameters, exp.name)
-        err.print(f"Triggered deployment run {flow_run}: {info.ui_url}/runs/flow-run/{flow_run}",
-                  markup=False)
+        server = connect()
+    err.print(f"Prefect UI: {server.ui_url}  (runs tagged exp:{exp.name})", markup=False)
+    started = launch(plan, server, local=local)
+    if started.flow_run is not None:
+        err.print(f"Triggered deployment run {started.flow_run}: "
+                  f"{server.ui_url}/runs/flow-run/{started.flow_run}", markup=False)
         if not wait:
-            out.print(str(flow_run))
+            out.print(str(started.flow_run))
             return None
-        work = lambda: wait_for(flow_run)  # noqa: E731
-    else:
-        from cruijff.flows.experiment import run_experiment
-
-        work = lambda: run_experiment(**parameters)  # noqa: E731
-    _without_cruijff_errors_on_console()
-    try:
-        if quiet:
-            return work()
-        waits = _SlurmWaits(exp.name) if parameters.get("executor") == "slurm" else None
-        with Live(get_renderable=lambda: _with_waits(_results(selection)[0], waits),
-                  console=err, refresh_per_second=1, transient=True):
-            return work()
-    except Exception as exc:
-        if not _server_lost(exc):
-            raise
-        raise CruijffError(
-            f"lost the Prefect server at {info.url} during the run ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); stages that finished "
-            f"are recorded on disk: `cruijff server start`, then `cruijff run {exp.path}` "
-            "resumes") from None
+    if quiet:
+        return started.run()
+    watcher = QueueWatcher(exp.name) if plan.executor == "slurm" else None
+    with Live(get_renderable=lambda: _with_waits(_results(plan.selection, held=True)[0],
+                                                 watcher and watcher.note()),
+              console=err, refresh_per_second=1, transient=True):
+        return started.run()
 
 
-def _server_lost(exc: BaseException) -> bool:
-    """The Prefect API stopped answering (after the client's own retries)."""
-    import httpx
-    from prefect.exceptions import PrefectHTTPStatusError
-
-    if isinstance(exc, PrefectHTTPStatusError):
-        return exc.response.status_code >= 500
-    return isinstance(exc, httpx.TransportError)
-
-
-SUMMARY_STYLE = {**STATUS_STYLE, "interrupted": "red", "blocked": "dim", "outdated": "yellow",
-                 "damaged": "yellow"}
 
 
 @app.command()
@@ -459,7 +397,7 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
             if status is None:
                 cells.append("")
                 continue
-            text = f"[{SUMMARY_STYLE.get(status.state, 'default')}]{status.state}[/]"
+            text = f"[{STATUS_STYLE.get(status.state, 'default')}]{status.state}[/]"
             if status.attempts > 1:
                 text += f" ×{status.attempts}"
             if status.duration_s is not None:
@@ -531,117 +469,53 @@ def progress(
     from rich.live import Live
 
     from cruijff.runner import load_experiment, select, unlocked
+    from cruijff.slurm import QueueWatcher
 
     exp = load_experiment(experiment)
     selection = select(exp)
     start = time.monotonic()
-    waits = _SlurmWaits(exp.name)
+    watcher = QueueWatcher(exp.name)
     if not watch or unlocked(exp):
-        out.print(_with_waits(_progress_view(exp, selection, None),
-                              None if unlocked(exp) else waits.ask()))
+        held = not unlocked(exp)
+        out.print(_with_waits(_progress_view(exp, selection, None, held=held),
+                              watcher.ask() if held else None))
         return
-    with Live(_progress_view(exp, selection, 0.0), console=out, refresh_per_second=4) as live:
+    with Live(_progress_view(exp, selection, 0.0, held=True), console=out,
+              refresh_per_second=4) as live:
         while not unlocked(exp):
             time.sleep(interval)
-            live.update(_with_waits(_progress_view(exp, selection, time.monotonic() - start),
-                                    waits))
-        live.update(_progress_view(exp, selection, time.monotonic() - start))
+            live.update(_with_waits(_progress_view(exp, selection, time.monotonic() - start,
+                                                   held=True), watcher.note()))
+        live.update(_progress_view(exp, selection, time.monotonic() - start, held=False))
 
 
-def _without_cruijff_errors_on_console() -> None:
-    """Prefect logs an exception that ends a flow with its traceback; for a CruijffError (e.g.
-    no Slurm job can be submitted) the CLI prints the one line itself, so Prefect's console
-    handlers drop it (the Prefect UI keeps the full record)."""
-    import logging
-
-    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", *_NOISY_WITHOUT_SERVER):
-        for handler in logging.getLogger(name).handlers:  # "": the root
-            if isinstance(handler, logging.StreamHandler) and _not_cruijff_error not in \
-                    handler.filters:
-                handler.addFilter(_not_cruijff_error)
-    logging.raiseExceptions = False  # Prefect's API log handler writes its failures to stderr
-
-
-_NOISY_WITHOUT_SERVER = ("prefect.events.clients", "EventsWorker", "APILogWorker")
-"""Without its server, Prefect's event client warns about every reconnect and its queue
-services (loggers named by class) that items are still waiting at exit; the run ends with
-cruijff's own line about the lost server instead."""
-
-
-def _not_cruijff_error(record: logging.LogRecord) -> bool:
-    """Drop errors the CLI reports itself: cruijff's, and a lost Prefect server."""
-    if record.name.startswith(_NOISY_WITHOUT_SERVER) and record.levelno < logging.CRITICAL:
-        return False
-    if not record.exc_info or record.exc_info[1] is None:
-        return True
-    return not (isinstance(record.exc_info[1], CruijffError) or _server_lost(record.exc_info[1]))
-
-
-class _SlurmWaits:
-    """Why an experiment's Slurm worker jobs wait (drained node, no resources ...), for views
-    that refresh: squeue is asked in a background thread at most every `every_s` s (it takes
-    ~10 s to fail when the controller is down), and the last answer is shown meanwhile."""
-
-    def __init__(self, experiment: str, every_s: float = 5.0) -> None:
-        import threading
-
-        self.experiment, self.every_s = experiment, every_s
-        self.last: str | None = None
-        self._asked = float("-inf")
-        self._busy = threading.Lock()
-
-    def ask(self) -> str | None:
-        """Ask squeue now: 'waiting for Slurm: 2 jobs PENDING (reason)', or None."""
-        from cruijff.slurm import slurm_waits
-
-        self.last = slurm_waits(self.experiment)[1]
-        return self.last
-
-    def note(self) -> str | None:
-        import threading
-        import time
-
-        if time.monotonic() - self._asked >= self.every_s and self._busy.acquire(False):
-            self._asked = time.monotonic()
-
-            def refresh() -> None:
-                try:
-                    self.ask()
-                finally:
-                    self._busy.release()
-
-            threading.Thread(target=refresh, daemon=True).start()
-        return self.last
-
-
-def _with_waits(view: RenderableType, waits: _SlurmWaits | str | None) -> RenderableType:
+def _with_waits(view: RenderableType, note: str | None) -> RenderableType:
     """The view, with the line on waiting Slurm jobs under it when there is one."""
     from rich.console import Group
-    from rich.text import Text
 
-    note = waits.note() if isinstance(waits, _SlurmWaits) else waits
     return Group(view, Text(note, style="yellow")) if note else view
 
 
-def _progress_view(exp: Experiment, selection: Selection, elapsed: float | None) -> Group:
+def _progress_view(exp: Experiment, selection: Selection, elapsed: float | None, *,
+                   held: bool) -> Group:
     from rich.console import Group
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from cruijff.state import read_record
+    from cruijff.runner import trial_states
 
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[note]}"))
     total_done, total, durations, running = 0, 0, [], 0
     rows = []
     for trial, stages in selection:
-        records = [read_record(trial.dir, s) for s in stages]
-        done = sum(1 for r in records if r is not None and r.is_done)
-        states = ", ".join(f"{s} {r.status if r else 'pending'}"
-                           for s, r in zip(stages, records, strict=True))
-        rows.append((f"trial {trial.id}", done, len(stages), states))
+        states = trial_states(trial, stages, held=held)
+        done = sum(1 for state in states.values() if state.is_done)
+        rows.append((f"trial {trial.id}", done, len(stages),
+                     ", ".join(f"{s} {state.state}" for s, state in states.items())))
         total_done, total = total_done + done, total + len(stages)
-        durations += [r.duration_s for r in records if r and r.is_done and r.duration_s]
-        running += sum(1 for r in records if r is not None and r.status == "running")
+        durations += [state.record.duration_s for state in states.values()
+                      if state.is_done and state.record and state.record.duration_s]
+        running += sum(1 for state in states.values() if state.state == "running")
     left = total - total_done
     eta = ""
     if elapsed is not None and durations and left:
@@ -775,10 +649,8 @@ def exec_stage(
     config: Annotated[Path, typer.Argument(help="the stage's config file")],
 ) -> None:
     """Run one stage from its config file (what the flow and the .slurm scripts call)."""
-    from cruijff.stages import STAGES
+    from cruijff.registry import STAGES
 
-    if stage not in STAGES:
-        raise CruijffError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     raise typer.Exit(STAGES[stage].execute(config))
 
 
@@ -798,8 +670,31 @@ DISK_ERRORS = {
 """File-system errors a user can fix: one line, exit 2, like any other bad input."""
 
 
+def _show_plugin_warnings() -> None:
+    """A plugin that cannot be used (cruijff.registry) is one `warning:` line, not a
+    Python warning with its file and line."""
+    import warnings
+
+    from cruijff.registry import PluginWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "cruijff", False):
+        return
+
+    def show(message: Warning | str, category: type[Warning], *args: object,
+             **kwargs: object) -> None:
+        if issubclass(category, PluginWarning):
+            err.print(f"warning: {message}", markup=False, soft_wrap=True)
+        else:
+            shown(message, category, *args, **kwargs)  # type: ignore[arg-type]
+
+    show.cruijff = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2."""
+    _show_plugin_warnings()
     try:
         app(args=argv, prog_name="cruijff")
     except CruijffError as exc:

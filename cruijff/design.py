@@ -17,6 +17,8 @@ from typing import Any
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_json, parse_json, parse_yaml, type_name
 from cruijff.models import validate_model_id
+from cruijff.plan import Plan, TrialSpec, short_value
+from cruijff.registry import STAGES
 from cruijff.settings import ExperimentConfig
 from cruijff.tasks import validate_name
 
@@ -26,13 +28,8 @@ TRIAL_KEYS: dict[str, type] = {
     "use_fine_tune": bool,
     "use_prompt_opt": bool,
 }
-NAMESPACES = {
-    "torchtune": "finetune",
-    "finetune": "finetune",
-    "inspect": "eval",
-    "eval": "eval",
-    "prompt_opt": "prompt_opt",
-}
+NAMESPACE_ALIASES = {"torchtune": "finetune", "inspect": "eval"}
+"""Each registered stage's name is the namespace of its design keys; these are other names."""
 KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MANAGED_NAMES = frozenset({"output_dir", "log_dir", "checkpoint_dir", "checkpoint_files",
                            "data_files", "data_path", "eval_config", "task_file"})
@@ -47,11 +44,10 @@ CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 they reach terminals (escape sequences) and the comment line of the .slurm scripts."""
 
 
-def _plugin_namespaces() -> dict[str, str]:
-    """Namespaces of stages registered by other packages (imported late: stages use this)."""
-    from cruijff.stages import STAGES
-
-    return {s.namespace: s.namespace for s in STAGES.values() if s.namespace not in NAMESPACES}
+def _namespaces() -> dict[str, str]:
+    """Namespace -> stage: every registered stage's name (known without importing any stage),
+    and the aliases."""
+    return {**{name: name for name in STAGES.names()}, **NAMESPACE_ALIASES}
 
 
 def canonical_key(key: object) -> str:
@@ -66,7 +62,7 @@ def canonical_key(key: object) -> str:
             f"unknown key {key!r}{did_you_mean(key, TRIAL_KEYS)}: use one of "
             f"{', '.join(TRIAL_KEYS)} or a dotted key such as torchtune.model.lora_rank"
         )
-    namespaces = {**NAMESPACES, **_plugin_namespaces()}
+    namespaces = _namespaces()
     if namespace not in namespaces:
         raise CruijffError(
             f"unknown namespace {namespace!r} in key {key!r}{did_you_mean(namespace, namespaces)}"
@@ -192,54 +188,12 @@ class Design:
                 "treatments": self.treatments}
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    """One combination of model, dataset and settings."""
-
-    id: str
-    model: str
-    dataset: str
-    use_fine_tune: bool
-    use_prompt_opt: bool
-    settings: dict[str, Any]
-    """Stage keys ('finetune.model.lora_rank', ...) from controls and the treatment."""
-    treatment: dict[str, Any]
-    """What this trial changes relative to its control ({} for a control trial)."""
-    control: str | None
-    """Id of this trial's control trial, if one was built."""
-
-    @property
-    def is_control(self) -> bool:
-        return not self.treatment
-
-    @property
-    def label(self) -> str:
-        if self.is_control:
-            return "control"
-        return ", ".join(f"{k}={_short(v)}" for k, v in self.treatment.items())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "model": self.model, "dataset": self.dataset,
-                "use_fine_tune": self.use_fine_tune, "use_prompt_opt": self.use_prompt_opt,
-                "settings": self.settings, "treatment": self.treatment, "control": self.control}
-
-
-def _short(value: Any) -> str:
-    return value if isinstance(value, str) else repr(value)
-
-
 def trial_ids() -> Iterable[str]:
     """a, b, ..., z, aa, ab, ...: bijective base 26, shortest first."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     for length in itertools.count(1):
         for combo in itertools.product(letters, repeat=length):
             yield "".join(combo)
-
-
-@dataclass
-class Plan:
-    trials: list[TrialSpec]
-    notices: list[str]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -332,7 +286,7 @@ def expand(design: Design, config: ExperimentConfig) -> Plan:
         control = control_of.get((model, dataset))
         fingerprint = (model, dataset, flags["use_fine_tune"], flags["use_prompt_opt"],
                        repr(sorted(stage.items())))
-        described = ", ".join(f"{k}={_short(v)}" for k, v in label.items())
+        described = ", ".join(f"{k}={short_value(v)}" for k, v in label.items())
         if control is not None and fingerprint == (
             control.model, control.dataset, control.use_fine_tune, control.use_prompt_opt,
             repr(sorted(control.settings.items()))

@@ -27,13 +27,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from cruijff import __version__
-from cruijff.design import Design, Plan, TrialSpec, expand
+from cruijff.design import Design, expand
 from cruijff.errors import CruijffError
 from cruijff.fileio import dump_yaml, load_yaml_mapping, lock_within
 from cruijff.models import ensure_model, family_of, model_key
+from cruijff.plan import Plan, TrialSpec
+from cruijff.registry import STAGES, file_stem
 from cruijff.settings import CruijffSettings, ExperimentConfig
 from cruijff.slurm import render_script
-from cruijff.stages import STAGES, Stage, TrialContext, pipeline_stages
+from cruijff.stages import Stage, TrialContext, pipeline_stages
 from cruijff.state import RECORDS, now
 from cruijff.tasks import TaskModule, load_task
 
@@ -116,7 +118,10 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
         for model in dict.fromkeys(t.model for t in plan.trials):
             ensure_model(model, config.model_dir, settings)
         built, files = _render(request, config, task, plan, dest)
-        built.archived = _write(root, dest, files, force)
+        folders = [f"{trial_dir_name(trial_id)}/{folder}"
+                   for trial_id, names in built.stages.items()
+                   for name in names for folder in STAGES[name].folders]
+        built.archived = _write(root, dest, files, folders, force)
         _copy_root_config(request.config_path.resolve(), root)
     return built
 
@@ -163,13 +168,14 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
     for stage in enabled:
         resolved = stage.resolve(ctx)
         commands[stage.name] = resolved.command
-        files[f"{folder}/{stage.name}.yaml"] = dump_yaml(resolved.data)
-        files[f"{folder}/{stage.name}.slurm"] = render_script(
+        stem = file_stem(stage.name)
+        files[f"{folder}/{stem}.yaml"] = dump_yaml(resolved.data)
+        files[f"{folder}/{stem}.slurm"] = render_script(
             job_name=f"cruijff-{name}-{trial.id}-{stage.name}",
             resources=resources,
             command=resolved.command,
             workdir=trial_dir,
-            log_file=trial_dir / "logs" / f"{stage.name}-%j.out",
+            log_file=trial_dir / "logs" / f"{stem}-%j.out",
             description=f"experiment {name}, trial {trial.id} ({trial.label}), stage {stage.name}",
         )
     files[f"{folder}/config.yaml"] = dump_yaml({
@@ -190,7 +196,7 @@ def _check_used(trials: list[TrialSpec], controls: dict[str, Any],
                 pipeline: list[Stage]) -> None:
     """A stage key that no trial it applies to uses would be silently ignored: refuse it.
     A treatment's keys must be used by its own trials; a control's by at least one trial."""
-    namespaces = {stage.namespace for stage in STAGES.values()}
+    namespaces = set(STAGES.names())
     for key in [*controls, *(k for t in trials for k in t.treatment)]:
         namespace = key.split(".", 1)[0]
         if namespace in namespaces and all(s.namespace != namespace for s in pipeline):
@@ -214,9 +220,11 @@ def _check_used(trials: list[TrialSpec], controls: dict[str, Any],
                                f"{namespace} stage (use_fine_tune/use_prompt_opt is off)")
 
 
-def _write(root: Path, dest: Path, files: dict[str, str], force: bool) -> Path | None:
-    """Write the files into a staging folder and rename it to `dest` (call with the build
-    lock held); with `force`, first move the old `dest` into the archive."""
+def _write(root: Path, dest: Path, files: dict[str, str], folders: list[str],
+           force: bool) -> Path | None:
+    """Write the files and make the (empty) folders in a staging folder and rename it to
+    `dest` (call with the build lock held); with `force`, first move the old `dest` into the
+    archive."""
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=root))
     umask = os.umask(0)
     os.umask(umask)
@@ -230,8 +238,8 @@ def _write(root: Path, dest: Path, files: dict[str, str], force: bool) -> Path |
             if relative.endswith(".slurm"):
                 (staging / relative).chmod(0o755)
                 (staging / relative).parent.joinpath("logs").mkdir(exist_ok=True)
-            if relative.endswith("finetune.yaml"):
-                (staging / relative).parent.joinpath("checkpoints").mkdir(exist_ok=True)
+        for relative in folders:
+            (staging / relative).mkdir(parents=True, exist_ok=True)
         archived = None
         if dest.exists() and force:
             archived = root / ARCHIVE / f"{dest.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"

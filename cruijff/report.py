@@ -32,9 +32,9 @@ from cruijff.containment import check_contained
 from cruijff.errors import CruijffError
 from cruijff.experiment import experiment_config, trial_dir_name
 from cruijff.fileio import atomic_write_text, json_safe
+from cruijff.registry import DEFAULT_PIPELINE
 from cruijff.state import read_record
 from cruijff.store import (
-    FINETUNE_STAGE,
     ExperimentRow,
     LoadReport,
     LossRow,
@@ -46,6 +46,7 @@ from cruijff.store import (
     TrialRow,
     load_experiment_results,
     open_store,
+    scoring_stage,
 )
 
 FORMATS = frozenset({"md", "html", "csv"})
@@ -176,7 +177,9 @@ def analyze(
                            "build one with `cruijff build`")
     trials = experiment_config(path)["trials"]
     check_contained(path, [path / trial_dir_name(t["id"]) for t in trials])
-    evals = {t["id"]: read_record(path / trial_dir_name(t["id"]), "eval") for t in trials}
+    evals = {t["id"]: read_record(path / trial_dir_name(t["id"]),
+                                  scoring_stage(t.get("stages") or list(DEFAULT_PIPELINE))
+                                  or "eval") for t in trials}
     if not any(r is not None and r.is_done for r in evals.values()):
         states = "; ".join(f"{t['id']} ({t.get('label', '')}): "
                            f"{evals[t['id']].status if evals[t['id']] else 'pending'}"
@@ -228,8 +231,7 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
             losses[pk].append(loss)
         last_loss = dict(session.execute(
             select(MetricRow.trial_pk, MetricRow.value).where(
-                MetricRow.trial_pk.in_(pks), MetricRow.stage == FINETUNE_STAGE,
-                MetricRow.name == "loss_last")).all())
+                MetricRow.trial_pk.in_(pks), MetricRow.name == "loss_last")).all())
         wall = dict(session.execute(
             select(StageRunRow.trial_pk, func.sum(StageRunRow.duration_s))
             .where(StageRunRow.trial_pk.in_(pks)).group_by(StageRunRow.trial_pk)).all())

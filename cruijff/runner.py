@@ -1,7 +1,8 @@
-"""Running an experiment's stages, without any orchestrator: what to run, running one stage
-as a subprocess with its log, verifying it, and recording the outcome on disk.
-
-flows/ calls these from Prefect tasks; everything here also works (and is tested) alone.
+"""One stage of one trial, without any orchestrator: loading an experiment as built, the
+stage's key, whether it is done (the one reader every view and the run ask), running its
+command as a subprocess with its log, verifying and recording the outcome, sharing a run
+between trials, and --force's archive. cruijff/pipeline.py puts these together into a trial's
+pipeline and a run; tests/test_runner.py tests them alone.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from cruijff.containment import check_contained
 from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
 from cruijff.fileio import load_yaml_mapping, lock_within
+from cruijff.registry import STAGES, file_stem
 from cruijff.settings import OrchestrationConfig
-from cruijff.stages import STAGES, StageFailed
+from cruijff.stages import StageFailed
 from cruijff.state import (
     RECORDS,
     STAGE_ENVIRONMENT,
@@ -49,8 +51,6 @@ from cruijff.state import (
     write_record,
 )
 
-SHARED_STAGES = ("finetune",)
-"""Stages that trials with equal keys share: the first such trial runs it, the others link."""
 ERROR_TAIL_LINES = 8
 
 
@@ -136,8 +136,8 @@ def load_experiment(path: Path) -> Experiment:
 def select(experiment: Experiment, trials: str | None = None,
            stage: str | None = None) -> list[tuple[Trial, list[str]]]:
     """(trial, stages to consider) for `--trials a,b` and `--stage NAME`."""
-    if stage is not None and stage not in STAGES:
-        raise CruijffError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
+    if stage is not None:
+        STAGES[stage]  # an unknown stage: one line naming the stages
     chosen = experiment.trials
     if trials is not None:
         ids = [t.strip() for t in trials.split(",") if t.strip()]
@@ -171,7 +171,7 @@ def stage_key(trial: Trial, stage: str) -> str:
     """A hash of everything that determines the stage's outputs: its config with this trial's
     paths taken out, the data's content, the model's files, the backend's version, and the
     runs of the stages before it. Equal keys mean equal outputs (so they can be shared)."""
-    text = (trial.dir / f"{stage}.yaml").read_text(encoding="utf-8")
+    text = STAGES[stage].config_path(trial.dir).read_text(encoding="utf-8")
     for path, placeholder in ((trial.dir, "<trial>"), (trial.model_path, "<model>"),
                               (trial.data_path, "<data>")):
         text = text.replace(str(path), placeholder)
@@ -196,6 +196,53 @@ def is_done(trial: Trial, stage: str, key: str) -> bool:
             and damaged_output(trial.dir, record) is None)
 
 
+DONE_STATES = ("done", "reused")
+
+
+@dataclass
+class StageState:
+    """Where one stage of a trial stands, as every view shows it."""
+
+    state: str
+    """done, reused, outdated (done, but its inputs changed since: it will run again),
+    damaged (done, but an output file is gone or truncated since: it will run again),
+    failed, running, interrupted, pending, blocked (an earlier stage failed)."""
+    record: StageRecord | None
+    detail: str | None = None
+    """What is damaged."""
+
+    @property
+    def is_done(self) -> bool:
+        return self.state in DONE_STATES
+
+
+def trial_states(trial: Trial, stages: list[str], *, held: bool) -> dict[str, StageState]:
+    """The one reader of "is this stage done": each stage's state from its record, its current
+    key and its outputs, in pipeline order (a stage after one that will run again is outdated,
+    after a failed one blocked). `held`: a `cruijff run` holds the experiment now (else a
+    record left 'running' was interrupted)."""
+    states: dict[str, StageState] = {}
+    blocked = rerun = False  # an earlier stage failed / will run again
+    for stage in trial.stages:
+        record = read_record(trial.dir, stage)
+        detail = None
+        if record is None:
+            state = "blocked" if blocked else "pending"
+        elif record.status == "running" and not held:
+            state = "interrupted"  # no run holds the experiment: nothing is running it
+        elif record.is_done and (rerun or record.key != stage_key(trial, stage)):
+            state = "outdated"
+        elif record.is_done and (detail := damaged_output(trial.dir, record)):
+            state = "damaged"
+        else:
+            state = record.status
+        if stage in stages:
+            states[stage] = StageState(state, record, detail)
+        blocked = blocked or state in ("failed", "interrupted")
+        rerun = rerun or state not in DONE_STATES
+    return states
+
+
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
 
 
@@ -215,13 +262,19 @@ def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
+def _attempt_logs(folder: Path, stage: str) -> list[tuple[int, Path]]:
+    """(number, path) of a stage's attempt logs, in order."""
+    stem = file_stem(stage)
+    return sorted((int(m.group(1)), p) for p in folder.glob(f"{stem}-attempt*.log")
+                  if (m := re.fullmatch(rf"{re.escape(stem)}-attempt(\d+)\.log", p.name)))
+
+
 def _next_log(folder: Path, stage: str) -> Path:
     """A new log file per execution, numbered on from the last one: never overwrites the
     log of an earlier execution (one with another key, say)."""
     folder.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in folder.glob(f"{stage}-attempt*.log")
-               if (m := re.fullmatch(rf"{re.escape(stage)}-attempt(\d+)\.log", p.name))]
-    return folder / f"{stage}-attempt{max(numbers, default=0) + 1}.log"
+    numbers = [n for n, _ in _attempt_logs(folder, stage)]
+    return folder / f"{file_stem(stage)}-attempt{max(numbers, default=0) + 1}.log"
 
 
 STOP = threading.Event()
@@ -331,19 +384,20 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
 
 
 def link_shared(trial: Trial, owner: Trial, stage: str) -> StageRecord:
-    """Make `trial` use `owner`'s finished run of a shared stage (its checkpoints/ becomes a
-    link to the owner's) and record that."""
+    """Make `trial` use `owner`'s finished run of a shared stage (each of the stage's folders
+    becomes a link to the owner's) and record that."""
     done = read_record(owner.dir, stage)
     if done is None or not done.is_done:
         raise CruijffError(f"trial {owner.id} has no finished {stage} to share")
-    checkpoints = trial.dir / "checkpoints"
-    if checkpoints.is_symlink():
-        checkpoints.unlink()
-    elif checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()
-    elif checkpoints.exists():
-        _archive_paths(trial.dir.parent, trial, [checkpoints])
-    checkpoints.symlink_to(owner.dir / "checkpoints")
+    for name in STAGES[stage].folders:
+        folder = trial.dir / name
+        if folder.is_symlink():
+            folder.unlink()
+        elif folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        elif folder.exists():
+            _archive_paths(trial.dir.parent, trial, [folder])
+        folder.symlink_to(owner.dir / name)
     record = StageRecord(stage, done.key, "reused", run_id=done.run_id, finished=now(),
                          outputs=done.outputs, metrics=done.metrics, reused_from=owner.id,
                          where=done.where, fingerprint=done.fingerprint)
@@ -370,15 +424,16 @@ def archive_stages(experiment: Experiment, selection: list[tuple[Trial, list[str
     folder = experiment.path / ARCHIVE / stamp
     for trial, stages in selection:
         for stage in stages:
-            config = load_yaml_mapping(STAGES[stage].config_path(trial.dir), f"{stage} config")
+            spec = STAGES[stage]
+            config = load_yaml_mapping(spec.config_path(trial.dir), f"{stage} config")
             paths = [record_path(trial.dir, stage),
-                     *sorted((trial.dir / "logs").glob(f"{stage}-attempt*.log"))]
-            if stage in SHARED_STAGES and (trial.dir / "checkpoints").is_symlink():
-                paths.append(trial.dir / "checkpoints")
-            else:
-                paths += STAGES[stage].artifacts(trial.dir, config)
+                     *(p for _, p in _attempt_logs(trial.dir / "logs", stage))]
+            links = [trial.dir / name for name in spec.folders
+                     if (trial.dir / name).is_symlink()]
+            paths += links if spec.shared and links else spec.artifacts(trial.dir, config)
             _archive_paths(experiment.path, trial, paths, stamp)
-        (trial.dir / "checkpoints").mkdir(exist_ok=True)
+            for name in spec.folders:
+                (trial.dir / name).mkdir(exist_ok=True)
     return folder
 
 
@@ -453,14 +508,9 @@ def unfinished_trials(experiment: Experiment) -> list[Trial]:
 
 def pending(selection: list[tuple[Trial, list[str]]]) -> list[tuple[Trial, str]]:
     """Stages not done with their current key. A stage whose upstream will run counts too."""
-    todo = []
-    for trial, stages in selection:
-        upstream_runs = False
-        for stage in stages:
-            if upstream_runs or not is_done(trial, stage, stage_key(trial, stage)):
-                todo.append((trial, stage))
-                upstream_runs = True
-    return todo
+    return [(trial, stage) for trial, stages in selection
+            for stage, state in trial_states(trial, stages, held=True).items()
+            if not state.is_done]
 
 
 def summarize(record: StageRecord | None) -> dict[str, Any]:

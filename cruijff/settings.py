@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_yaml_mapping
+from cruijff.registry import DEFAULT_PIPELINE
 
 SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,:+@/%=-]+$")
 """What a Slurm value may contain: no whitespace, quote or shell metacharacter, ever."""
@@ -151,7 +152,7 @@ class ExperimentConfig(BaseSettings):
     )
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     pipeline: list[str] = Field(
-        default_factory=lambda: ["finetune", "prompt_opt", "eval"],
+        default_factory=lambda: list(DEFAULT_PIPELINE),
         description="the stages a trial may run, in order (use_fine_tune/use_prompt_opt "
         "still switch theirs off); registered stages only",
     )

@@ -11,6 +11,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,3 +218,34 @@ def slurm_waits(experiment: str) -> tuple[list[QueuedJob], str | None]:
     jobs = queued_jobs(experiment) or []
     partitions = sorted({j.partition for j in jobs if j.waiting and NODE_REASON.search(j.reason)})
     return jobs, waiting_note(jobs, unavailable_nodes(partitions) if partitions else None)
+
+
+class QueueWatcher:
+    """Why an experiment's worker jobs wait, for views that refresh (the live run table,
+    `progress`): one reader asks squeue at most every `every_s` s, in the background (it takes
+    ~10 s to fail when the controller is down), and `note()` shows its last answer meanwhile."""
+
+    def __init__(self, experiment: str, every_s: float = 5.0) -> None:
+        self.experiment, self.every_s = experiment, every_s
+        self.last: str | None = None
+        self._asked = float("-inf")
+        self._busy = threading.Lock()
+
+    def ask(self) -> str | None:
+        """Ask squeue now: 'waiting for Slurm: 2 jobs PENDING (reason)', or None."""
+        self.last = slurm_waits(self.experiment)[1]
+        return self.last
+
+    def note(self) -> str | None:
+        """The last answer; asks again in the background when it is older than every_s."""
+        if time.monotonic() - self._asked >= self.every_s and self._busy.acquire(False):
+            self._asked = time.monotonic()
+
+            def refresh() -> None:
+                try:
+                    self.ask()
+                finally:
+                    self._busy.release()
+
+            threading.Thread(target=refresh, daemon=True).start()
+        return self.last

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cruijff.fileio import atomic_write_text
+from cruijff.registry import file_stem
 
 RECORDS = ".cruijff"
 Status = Literal["running", "done", "failed", "reused", "interrupted"]
@@ -81,7 +82,7 @@ def now() -> str:
 
 
 def record_path(trial_dir: Path, stage: str) -> Path:
-    return trial_dir / RECORDS / f"{stage}.json"
+    return trial_dir / RECORDS / f"{file_stem(stage)}.json"
 
 
 def read_record(trial_dir: Path, stage: str) -> StageRecord | None:

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import (
     JSON,
@@ -50,18 +49,19 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from cruijff.errors import CruijffError
 from cruijff.experiment import experiment_config, trial_dir_name
-from cruijff.state import read_record
+from cruijff.fileio import load_yaml_mapping
+from cruijff.registry import DEFAULT_PIPELINE, STAGES
+from cruijff.state import StageRecord, read_record
+from cruijff.urls import mask_url
 
 SCHEMA_VERSION = "2"
 DEFAULT_FILE = "results.sqlite"
-EVAL_STAGE = "eval"
-FINETUNE_STAGE = "finetune"
 
 __all__ = [
     "DEFAULT_FILE",
@@ -70,7 +70,6 @@ __all__ = [
     "Store",
     "delete_experiment",
     "load_experiment_results",
-    "masked_url",
     "open_store",
     "rebuild_experiment_results",
 ]
@@ -192,18 +191,6 @@ CHILD_TABLES = (StageRunRow, MetricRow, SampleRow, LossRow)
 # Opening
 
 
-def masked_url(url: str) -> str:
-    """The URL with its password replaced by ***, for messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        return urlunsplit(parts._replace(
-            netloc=f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"))
-
-
 def normalize_url(url: str) -> str:
     """PostgreSQL URLs go through psycopg 3 (sync): `postgresql://`, `postgres://` and the
     asyncpg form Prefect uses (`postgresql+asyncpg://`) all mean the same database."""
@@ -258,7 +245,7 @@ def open_store(url: str | None, experiment_path: Path | None = None) -> Store:
             raise CruijffError("no results database: give a database URL or an experiment")
         url = default_url(experiment_path)
     url = normalize_url(url)
-    shown = masked_url(url)
+    shown = mask_url(url)
     try:
         engine = create_engine(url)
     except ImportError as exc:
@@ -460,7 +447,7 @@ def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
     trial_id = str(entry["id"])
     trial_dir = path / trial_dir_name(trial_id)
     label = str(entry.get("label") or ("control" if not entry.get("treatment") else trial_id))
-    stages = list(entry.get("stages") or [FINETUNE_STAGE, EVAL_STAGE])
+    stages = list(entry.get("stages") or DEFAULT_PIPELINE)
     records = {stage: read_record(trial_dir, stage) for stage in stages}
     children: dict[type[Base], list[dict[str, Any]]] = {t: [] for t in CHILD_TABLES}
     for stage, record in records.items():
@@ -475,42 +462,53 @@ def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
         for metric, value in record.metrics.items():
             children[MetricRow].append({"stage": stage, "name": str(metric),
                                         "value": _number(value)})
-
-    finetune = records.get(FINETUNE_STAGE)
-    if finetune is not None and finetune.is_done:
-        owner = trial_dir
-        if finetune.reused_from:  # a shared fine-tune: its logs are in the trial that ran it
-            owner = path / trial_dir_name(finetune.reused_from)
-        from cruijff.stages.finetune import training_losses
-
-        children[LossRow] = [{"step": step, "loss": _number(loss)}
-                             for step, loss in enumerate(training_losses(owner / "logs" /
-                                                                         "finetune"), 1)]
+        if not children[LossRow]:
+            children[LossRow] = [{"step": step, "loss": _number(loss)} for step, loss in
+                                 enumerate(_losses(path, trial_dir, stage, record), 1)]
 
     columns: dict[str, Any] = {
         "trial_id": trial_id, "label": label, "model": str(entry.get("model", "")),
         "dataset": str(entry.get("dataset", "")), "control": _text(entry.get("control")),
-        "use_fine_tune": bool(entry.get("use_fine_tune", FINETUNE_STAGE in stages)),
+        "use_fine_tune": bool(entry.get("use_fine_tune", "finetune" in stages)),
         "use_prompt_opt": bool(entry.get("use_prompt_opt", "prompt_opt" in stages)),
         "settings": dict(entry.get("settings") or {}),
         "treatment": dict(entry.get("treatment") or {}),
         "eval_status": "pending", "eval_detail": None, "eval_log": None, "scorer": None,
     }
     gathered = _Gathered(columns, children, None)
-    record = records.get(EVAL_STAGE)
+    scoring = scoring_stage(stages)
+    record = records.get(scoring) if scoring else None
     if record is None:
-        gathered.set_missing("pending", "no eval record yet")
+        gathered.set_missing("pending", f"no {scoring or 'eval'} record yet")
     elif record.status == "running":
         gathered.set_missing("running", f"since {record.started}" if record.started else None)
     elif record.status == "failed":
         error = (record.error or "").strip().splitlines()
         gathered.set_missing("failed", error[-1] if error else None)
     elif not record.outputs:
-        gathered.set_missing("unreadable", "the eval record names no log")
+        gathered.set_missing("unreadable", f"the {scoring} record names no log")
     else:
         columns["eval_log"] = record.outputs[0]
         gathered.log = trial_dir / record.outputs[0]
     return gathered
+
+
+def scoring_stage(stages: list[str]) -> str | None:
+    """Of a trial's stages, the last whose run is scored per sample (its eval)."""
+    return next((s for s in reversed(stages) if s in STAGES and STAGES[s].scores), None)
+
+
+def _losses(path: Path, trial_dir: Path, name: str, record: StageRecord) -> list[float]:
+    """The training losses of a done stage that trains, read from the trial that ran it."""
+    if name not in STAGES or not record.is_done:
+        return []
+    stage = STAGES[name]
+    owner = path / trial_dir_name(record.reused_from) if record.reused_from else trial_dir
+    try:
+        config = load_yaml_mapping(stage.config_path(owner), f"{stage.name} config")
+    except CruijffError:  # no config to read the log's place from: the stage's default place
+        config = {}
+    return stage.losses(owner, config)
 
 
 def _apply_scores(gathered: _Gathered, scores: tuple[str | None, list[dict[str, Any]]] |

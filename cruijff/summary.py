@@ -7,17 +7,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cruijff.fileio import json_safe
-from cruijff.runner import Experiment, Trial, stage_key, unlocked
+from cruijff.runner import DONE_STATES, Experiment, Trial, trial_states, unlocked
 from cruijff.slurm import QueuedJob, job_states, slurm_waits
-from cruijff.state import damaged_output, read_record
 
 
 @dataclass
 class StageStatus:
     state: str
-    """done, reused, outdated (done, but its inputs changed since: it will run again),
-    damaged (done, but an output file is gone or truncated since: it will run again),
-    failed, running, interrupted, pending, blocked (an earlier stage failed)."""
+    """As runner.StageState.state."""
     attempts: int = 0
     duration_s: float | None = None
     where: str | None = None
@@ -47,8 +44,7 @@ class Summary:
 
     @property
     def complete(self) -> bool:
-        return all(s.state in ("done", "reused") for t in self.trials for s in t.stages.values())
-
+        return all(s.state in DONE_STATES for t in self.trials for s in t.stages.values())
 
     def to_json(self) -> dict[str, Any]:
         return json_safe({"experiment": self.experiment, "running": self.running,
@@ -64,34 +60,24 @@ def _slurm_jobs(record_where: str | None, history: list[dict]) -> list[str]:
 
 def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) -> Summary:
     running = not unlocked(experiment)
-    records = {(t.id, s): read_record(t.dir, s) for t, stages in selection for s in stages}
-    jobs = [j for r in records.values() if r for j in _slurm_jobs(r.where, r.history)]
+    states = {trial.id: trial_states(trial, stages, held=running) for trial, stages in selection}
+    jobs = [j for by_stage in states.values() for s in by_stage.values() if s.record
+            for j in _slurm_jobs(s.record.where, s.record.history)]
     slurm = job_states(jobs)
     trials = []
-    for trial, stages in selection:
+    for trial, _ in selection:
         statuses: dict[str, StageStatus] = {}
-        blocked = rerun = False  # an earlier stage failed / will run again
-        for stage in stages:
-            record = records[(trial.id, stage)]
+        for stage, status in states[trial.id].items():
+            record = status.record
             if record is None:
-                statuses[stage] = StageStatus("blocked" if blocked else "pending")
+                statuses[stage] = StageStatus(status.state)
                 continue
-            state = record.status
-            if state == "running" and not running:
-                state = "interrupted"  # no run holds the experiment: nothing is running it
-            elif record.is_done and (rerun or record.key != stage_key(trial, stage)):
-                state = "outdated"
-            elif record.is_done and (damage := damaged_output(trial.dir, record)):
-                state = "damaged"  # its outputs changed after it was verified: it runs again
-                record.error = damage
             statuses[stage] = StageStatus(
-                state=state, attempts=record.attempts, duration_s=record.duration_s,
+                state=status.state, attempts=record.attempts, duration_s=record.duration_s,
                 where=record.where if not record.reused_from else f"trial {record.reused_from}",
                 slurm=[f"{j}: {slurm.get(j, 'unknown')}"
                        for j in _slurm_jobs(record.where, record.history)],
-                error=record.error, metrics=record.metrics)
-            blocked = blocked or state in ("failed", "interrupted")
-            rerun = rerun or state in ("outdated", "damaged")
+                error=status.detail or record.error, metrics=record.metrics)
         trials.append(TrialStatus(trial.id, trial.label, statuses))
     summary = Summary(experiment.name, running, trials)
     if running or experiment.orchestration.executor == "slurm":

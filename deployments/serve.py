@@ -18,7 +18,8 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.flows import EntrypointType
 
 from cruijff.errors import CruijffError
-from cruijff.runner import load_experiment, unfinished_trials, unlocked
+from cruijff.pipeline import RunPlan
+from cruijff.runner import load_experiment, unlocked
 
 
 def _rerun(experiment: str) -> str:
@@ -26,13 +27,13 @@ def _rerun(experiment: str) -> str:
     exp = load_experiment(experiment)
     if not unlocked(exp):
         return f"{exp.name} is being run now; nothing to re-run"
-    failed = [t.id for t in unfinished_trials(exp)]
-    if not failed:
+    plan = RunPlan.make(exp.path, failed=True)
+    if plan.note:
         return f"{exp.name} has no failed trials"
     with tags("cruijff", f"exp:{exp.name}"):
         experiment_flow.with_options(flow_run_name=f"{exp.name}/rerun")(
-            experiment, None, ",".join(failed))
-    return f"re-ran trials {', '.join(failed)} of {exp.name}"
+            experiment, None, plan.trials)
+    return f"re-ran trials {', '.join(t.id for t, _ in plan.selection)} of {exp.name}"
 
 
 rerun_flow = flow(name="cruijff-rerun")(_rerun)

@@ -1,16 +1,13 @@
 """Prefect: an experiment flow, one subflow per trial, one task per stage, tasks on Dask.
 
-Thin by design: what to run and how is decided in cruijff.runner; this file only maps it onto
-Prefect runs (history, retries, tags, the UI) and Dask workers (where the stage commands run).
+Thin by design: what runs, in which order, shared or retried is decided in cruijff.pipeline;
+this file only maps it onto Prefect runs (history, tags, names, the UI) and Dask workers
+(where the stage commands run), and copes with a busy Prefect server.
 """
 
 from __future__ import annotations
 
-import contextvars
-import os
-import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +18,9 @@ from prefect.states import Cancelled, State
 from prefect_dask import DaskTaskRunner
 
 from cruijff.errors import CruijffError
-from cruijff.runner import (
-    SHARED_STAGES,
-    STOP,
-    STOP_GRACE_S,
-    Experiment,
-    Trial,
-    archive_stages,
-    execute_stage,
-    is_done,
-    link_shared,
-    load_experiment,
-    run_lock,
-    select,
-    stage_key,
-    stop_on_signals,
-    summarize,
-)
+from cruijff.pipeline import RunPlan, Sharing, hold, run_concurrently, run_trial
+from cruijff.runner import STOP, STOP_GRACE_S, Trial, execute_stage, load_experiment, summarize
 from cruijff.slurm import SlurmSubmitError
-from cruijff.state import read_record
 
 
 class StageFailedError(CruijffError):
@@ -47,20 +28,9 @@ class StageFailedError(CruijffError):
     results table instead of a traceback; the Prefect UI keeps the full record)."""
 
 
-class _SharedStages:
-    """Within one run: of the trials that need a shared stage with equal keys, the first (in
-    trial order) runs it; the others wait for it and then link to its outputs."""
-
-    def __init__(self, selection: list[tuple[Trial, list[str]]]) -> None:
-        self.owners: dict[tuple[str, str], str] = {}
-        for trial, stages in selection:
-            for stage in stages:
-                if stage in SHARED_STAGES:
-                    self.owners.setdefault((stage, stage_key(trial, stage)), trial.id)
-        self.finished = {claim: threading.Event() for claim in self.owners}
-
-
-_RUNS: dict[str, _SharedStages] = {}
+_RUNS: dict[str, Sharing] = {}
+"""The sharing table of each run in this process, by run id: trial subflows take parameters
+Prefect can store, so they look theirs up here."""
 
 SERVER_BUSY_PAUSES_S = (10.0, 30.0)
 
@@ -97,27 +67,10 @@ def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: in
 run_stage = task(name="stage")(_run_stage)
 
 
-def _shared_donor(exp: Experiment, trial: Trial, stage: str, key: str,
-                  shared: _SharedStages) -> Trial | None:
-    """The trial whose finished run of this shared stage `trial` can reuse, waiting for the
-    owner if another trial runs it now; None if `trial` must run it (owner, or owner failed)."""
-    owner = shared.owners.get((stage, key))
-    if owner is not None and owner != trial.id:
-        shared.finished[(stage, key)].wait()
-    for other in exp.trials:
-        if other.id != trial.id and stage in other.stages and is_done(other, stage, key):
-            record = read_record(other.dir, stage)
-            if record is not None and record.reused_from is None:
-                return other
-    return None
-
-
-def _run_with_retries(experiment: str, trial: Trial, stage: str, key: str, threads: int,
-                      retries: int) -> bool:
-    """Submit the stage, and again after a failure, up to `retries` times. The retry loop
-    lives here, not in Prefect's task engine, because that engine runs on the worker: when a
-    worker is lost (a cancelled or timed-out Slurm job) its retries are lost with it."""
-    for attempt in range(1, retries + 2):
+def _submitter(experiment: str, threads: int) -> Any:
+    """cruijff.pipeline's seam: an attempt of a stage is a Prefect task on the trial's Dask
+    cluster, named and tagged for the UI."""
+    def submit(trial: Trial, stage: str, key: str, attempt: int) -> bool:
         future = run_stage.with_options(
             task_run_name=f"trial-{trial.id}-{stage}" + (f"-retry{attempt - 1}" if attempt > 1
                                                          else ""),
@@ -129,40 +82,17 @@ def _run_with_retries(experiment: str, trial: Trial, stage: str, key: str, threa
             # worker job, which closing the run's clusters cancels.
             future.wait(timeout=STOP_GRACE_S + 5)
             return False
-        if future.state.is_completed():
-            return True
-    return False
+        return future.state.is_completed()
+
+    return submit
 
 
 def _trial(experiment: str, trial_id: str, stages: list[str], run_id: str,
            threads: int = 1, retries: int = 1) -> dict[str, str] | State:
-    """One trial's pipeline: each stage runs only if it is not done with its current key."""
+    """One trial's pipeline (cruijff.pipeline.run_trial) as a Prefect subflow."""
     exp = load_experiment(Path(experiment))
-    trial = exp.trial(trial_id)
-    shared = _RUNS[run_id]
-    outcome: dict[str, str] = {}
-    for stage in stages:
-        if STOP.is_set():
-            break
-        key = stage_key(trial, stage)
-        if is_done(trial, stage, key):
-            outcome[stage] = "skipped"
-            continue
-        if stage in SHARED_STAGES:
-            donor = _shared_donor(exp, trial, stage, key, shared)
-            if donor is not None:
-                link_shared(trial, donor, stage)
-                outcome[stage] = "reused"
-                continue
-        try:
-            ok = _run_with_retries(experiment, trial, stage, key, threads, retries)
-        finally:
-            if shared.owners.get((stage, key)) == trial.id:
-                shared.finished[(stage, key)].set()
-        if not ok:
-            outcome[stage] = "failed"
-            break
-        outcome[stage] = "done"
+    outcome = run_trial(exp, exp.trial(trial_id), stages, _submitter(experiment, threads),
+                        sharing=_RUNS[run_id], retries=retries)
     if STOP.is_set():
         return Cancelled(message=f"stopped by the user; done: {outcome}")
     if "failed" in outcome.values():
@@ -178,47 +108,33 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
                 executor: str | None = None, force: bool = False) -> dict[str, str] | State:
     """All selected trials as concurrent subflows, their stages on Dask workers: threads of
     a LocalCluster, or Slurm jobs of one SLURMCluster per resource profile."""
-    exp = load_experiment(Path(experiment))
-    selection = select(exp, trials, stage)
-    settings = exp.orchestration
-    executor = executor or settings.executor
-    retries = settings.retries if retries is None else retries
-    cores = os.cpu_count() or 1
-    workers = min(workers or settings.workers or cores, max(1, len(selection)))
-    threads = max(1, cores // workers) if executor == "local" else 0
+    plan = RunPlan.make(Path(experiment), stage=stage, trials=trials, force=force,
+                        executor=executor, workers=workers, retries=retries)
+    exp = plan.experiment
     run_id = uuid.uuid4().hex
-    states: dict[str, str] = {}
-    if executor == "slurm":
+    if plan.executor == "slurm":
         import dask_jobqueue  # noqa: F401  # its import sets a SIGINT handler: let ours win
-    with run_lock(exp), tags("cruijff", f"exp:{exp.name}"), stop_on_signals():
-        if force:
-            archive_stages(exp, selection)
-        _RUNS[run_id] = _SharedStages(selection)
+    with tags("cruijff", f"exp:{exp.name}"), hold(plan) as sharing:
+        _RUNS[run_id] = sharing
         try:
-            with clusters(exp, [t for t, _ in selection], executor=executor, workers=workers,
-                          max_jobs=settings.max_jobs) as addresses:
+            with clusters(exp, [t for t, _ in plan.selection], executor=plan.executor,
+                          workers=plan.workers, max_jobs=exp.orchestration.max_jobs
+                          ) as addresses:
 
-                def run_trial(trial: Trial, stages: list[str]) -> str:
+                def start(trial: Trial, stages: list[str]) -> str:
                     with tags(f"trial:{trial.id}"):
                         subflow = trial_flow.with_options(
                             flow_run_name=f"{exp.name}/trial-{trial.id}",
                             task_runner=DaskTaskRunner(address=addresses[trial.id]),
                         )
                         return _start_trial(subflow, experiment, trial.id, stages, run_id,
-                                            threads, retries)
+                                            plan.threads, plan.retries)
 
                 # Trials beyond what the workers can run wait here, not as live subflows: 200
                 # subflows at once overwhelm a SQLite-backed Prefect server (HTTP 503).
                 slots = len(set(addresses.values())) * (
-                    workers if executor == "local" else settings.max_jobs)
-                with ThreadPoolExecutor(max_workers=max(1, min(len(selection), 2 * slots))
-                                        ) as pool:
-                    futures = {
-                        trial.id: pool.submit(contextvars.copy_context().run, run_trial, trial,
-                                              stages)
-                        for trial, stages in selection
-                    }
-                    states = {trial_id: f.result() for trial_id, f in futures.items()}
+                    plan.workers if plan.executor == "local" else exp.orchestration.max_jobs)
+                states = run_concurrently(plan.selection, start, 2 * slots)
         finally:
             _RUNS.pop(run_id, None)
     if STOP.is_set():

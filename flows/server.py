@@ -10,57 +10,37 @@ with its state under ``<home>/prefect``, and reuses it from later runs and other
 - ``server.log``   the server's stdout and stderr
 - ``server.lock``  serializes check-and-start / stop between processes
 
-This module does not import prefect at import time (the CLI imports it for `cruijff server`);
-health checks use urllib.
+Only what is Prefect's is here (its command line and settings, where a configured API URL comes
+from); starting, checking and stopping a background process is `cruijff.service`. This module
+does not import prefect at import time (the CLI imports it for `cruijff server`); health checks
+use urllib.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 import tomllib
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
+from cruijff import service
 from cruijff.errors import CruijffError
-from cruijff.fileio import lock_within
+from cruijff.service import Service
+from cruijff.urls import mask_url, url_password
 
 DEFAULT_HOST = "127.0.0.1"
-STATE_FILE = "server.json"
-LOG_FILE = "server.log"
-LOCK_FILE = "server.lock"
 DB_FILE = "prefect.db"
-_LOG_ROTATE_BYTES = 10 * 1024 * 1024
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
+# lines (uvicorn's) that follow the cause of a failed start: the cause is the telling one
 _LOG_NOISE = (
     "Server stopped!",
     "Application startup failed",
     "Waiting for application",
     "server process",
 )
+_CMDLINE_WORDS = ("prefect", "server")  # a pid in server.json running anything else is not ours
 _EXPORTED: str | None = None  # the managed server's URL that ensure_api put in os.environ
-
-# Started by a short-lived launcher so the server is nobody's child here: no zombie and no
-# "subprocess still running" warning in the (long-lived) cruijff process, and it outlives it.
-_LAUNCHER = """\
-import subprocess, sys
-log = open(sys.argv[1], "ab")
-proc = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log,
-                        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-print(proc.pid, flush=True)
-proc.returncode = 0  # detached on purpose: do not warn that it is still running
-"""
 
 
 @dataclass(frozen=True)
@@ -78,10 +58,10 @@ class ServerInfo:
 
 def server_status(home: Path) -> ServerInfo | None:
     """The running managed server (healthy), or None. No side effects."""
-    state = _read_state(_state_dir(home))
+    state = _service(home).read_state()
     if state is None or not _is_ours_and_alive(state):
         return None
-    if not _healthy(state["url"]):
+    if not service.healthy(state["url"]):
         return None
     return _info(state)
 
@@ -101,37 +81,37 @@ def start_server(
     healthy server on its port) is cleaned up and a new server started, on the same port when
     it is free.
     """
-    sdir = _state_dir(home)
-    sdir.mkdir(parents=True, exist_ok=True)
-    database = _database_url(sdir, database_url)
-    with _locked(sdir, timeout):
-        state = _read_state(sdir)
+    svc = _service(home)
+    svc.directory.mkdir(parents=True, exist_ok=True)
+    database = _database_url(svc.directory, database_url)
+    with svc.locked(timeout):
+        state = svc.read_state()
         if state is not None and _is_ours_and_alive(state):
-            if _wait_healthy(state["url"], pid=state["pid"], timeout=min(timeout, 15)):
+            if service.wait_healthy(state["url"], pid=state["pid"], timeout=min(timeout, 15)):
                 _check_same(
                     state, host=host, port=port, database_url=database_url, database=database
                 )
                 return _info(state)
-            _terminate(state["pid"], timeout=10)  # alive but not answering: replace it
-        chosen = _choose_port(host, port, previous=state.get("port") if state else None)
-        return _spawn(sdir, host=host, port=chosen, database=database, timeout=timeout)
+            service.terminate(state["pid"], timeout=10)  # alive but not answering: replace it
+        chosen = service.choose_port(host, port, previous=state.get("port") if state else None)
+        return _spawn(svc, host=host, port=chosen, database=database, timeout=timeout)
 
 
 def stop_server(home: Path, timeout: float = 30) -> bool:
     """Stop the managed server; True if one was stopped."""
-    sdir = _state_dir(home)
-    if not (sdir / STATE_FILE).exists():
+    svc = _service(home)
+    if not svc.state_file.exists():
         return False
-    with _locked(sdir, timeout):
-        state = _read_state(sdir)
+    with svc.locked(timeout):
+        state = svc.read_state()
         if state is None:
-            (sdir / STATE_FILE).unlink(missing_ok=True)
+            svc.remove_state()
             return False
         stopped = _is_ours_and_alive(state)
         if stopped:
-            _terminate(state["pid"], timeout=timeout)
+            service.terminate(state["pid"], timeout=timeout)
         # Keep the file, without a pid, so the next start reuses the port (stable UI address).
-        _write_state(sdir, {**state, "pid": None, "create_time": None, "stopped_at": time.time()})
+        svc.write_state({**state, "pid": None, "create_time": None, "stopped_at": time.time()})
         return stopped
 
 
@@ -148,14 +128,13 @@ def ensure_api(home: Path, *, database_url: str | None = None) -> ServerInfo:
     """
     from cruijff.settings import CruijffSettings
 
-    sdir = _state_dir(home)
     database_url = database_url or CruijffSettings().server_database_url or None
     url = os.environ.get("PREFECT_API_URL", "").strip()
     source = "PREFECT_API_URL in the environment"
     if not url:
         url, source = _configured_api_url()
     if url:
-        state = _read_state(sdir)
+        state = _service(home).read_state()
         ours = (state is not None and _same_url(url, state["url"])) or (
             _EXPORTED is not None and _same_url(url, _EXPORTED)
         )
@@ -187,37 +166,18 @@ def _state_dir(home: Path) -> Path:
     return Path(home).expanduser().resolve() / "prefect"
 
 
-def _read_state(sdir: Path) -> dict | None:
-    try:
-        state = json.loads((sdir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict) or not {"pid", "port", "url"} <= state.keys():
-        return None
-    return state
+def _service(home: Path) -> Service:
+    return Service(
+        _state_dir(home),
+        name="server",  # server.json, server.log, server.lock
+        what="the Prefect server",
+        required=("pid", "port", "url"),
+    )
 
 
-def _write_state(sdir: Path, state: dict) -> None:
-    tmp = sdir / f".{STATE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, sdir / STATE_FILE)
-
-
-@contextlib.contextmanager
-def _locked(sdir: Path, timeout: float) -> Iterator[None]:
-    sdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            lock_within(fd, max(timeout, 1) + 30)
-        except BlockingIOError:
-            raise CruijffError(
-                f"another cruijff process holds {sdir / LOCK_FILE} (starting or "
-                "stopping the Prefect server); try again when it is done"
-            ) from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+def _is_ours_and_alive(state: dict) -> bool:
+    """The pid in server.json is still the Prefect server we started (not a reused pid)."""
+    return service.is_ours_and_alive(state, must_contain=_CMDLINE_WORDS)
 
 
 def _info(state: dict) -> ServerInfo:
@@ -247,55 +207,44 @@ def _check_same(
 
 
 # ---------------------------------------------------------------------------------------------
-# starting and stopping
+# starting
 
 
-def _spawn(sdir: Path, *, host: str, port: int, database: str, timeout: float) -> ServerInfo:
-    log = sdir / LOG_FILE
-    _rotate(log)
-    url_host = _url_host(host)
-    ui_url = f"http://{url_host}:{port}"
+def _spawn(svc: Service, *, host: str, port: int, database: str, timeout: float) -> ServerInfo:
+    ui_url = f"http://{service.url_host(host)}:{port}"
     url = f"{ui_url}/api"
-    with log.open("ab") as fh:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        fh.write(f"--- {stamp} cruijff: starting Prefect server at {url} ---\n".encode())
-        log_offset = fh.tell()
     argv = [*_prefect_command(), "server", "start", "--host", host, "--port", str(port)]
-    try:
-        launched = subprocess.run(
-            [sys.executable, "-c", _LAUNCHER, str(log), *argv],
-            cwd=sdir,  # no prefect.toml / .env from the user's working directory
-            env=_server_env(sdir, host, port, database),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        pid = int(launched.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-        raise CruijffError(f"could not launch the Prefect server: {exc}") from exc
+    pid, log_offset = svc.spawn(
+        argv,
+        env=_server_env(svc.directory, host, port, database),
+        banner=f"starting Prefect server at {url}",
+    )
     state = {
         "pid": pid,
-        "create_time": _create_time(pid),
+        "create_time": service.create_time(pid),
         "host": host,
         "port": port,
         "url": url,
         "ui_url": ui_url,
         "database": _display_database(database),
-        "prefect_home": str(sdir),
-        "log": str(log),
+        "prefect_home": str(svc.directory),
+        "log": str(svc.log_file),
         "started_at": time.time(),
     }
-    _write_state(sdir, state)  # written at once so a crash of this process leaves a trace
-    if _wait_healthy(url, pid=pid, timeout=timeout):
+    svc.write_state(state)  # written at once so a crash of this process leaves a trace
+    if service.wait_healthy(url, pid=pid, timeout=timeout):
         return _info(state)
-    alive = _alive(pid)
+    alive = service.alive(pid)
     if alive:
-        _terminate(pid, timeout=10)
-    (sdir / STATE_FILE).unlink(missing_ok=True)
-    last = _last_log_line(log, log_offset, secret=_password(database))
+        service.terminate(pid, timeout=10)
+    svc.remove_state()
+    last = service.last_log_line(
+        svc.log_file, log_offset, secret=url_password(database), noise=_LOG_NOISE
+    )
     why = f"did not answer within {timeout:g} s" if alive else "exited"
-    raise CruijffError(f"the Prefect server {why}: {last or '(no output)'} (log: {log})")
+    raise CruijffError(
+        f"the Prefect server {why}: {last or '(no output)'} (log: {svc.log_file})"
+    )
 
 
 def _prefect_command() -> list[str]:
@@ -338,218 +287,6 @@ def _display_database(url: str) -> str:
     return mask_url(url)
 
 
-def _password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password or None
-    except ValueError:
-        return None
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _rotate(log: Path) -> None:
-    with contextlib.suppress(OSError):
-        if log.stat().st_size > _LOG_ROTATE_BYTES:
-            os.replace(log, log.with_name(log.name + ".1"))
-
-
-def _last_log_line(log: Path, offset: int, secret: str | None = None) -> str:
-    """The most telling line the server wrote since `offset` (its error, if it printed one)."""
-    try:
-        with log.open("rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode(errors="replace")
-    except OSError:
-        return ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if secret:
-        lines = [line.replace(secret, "***") for line in lines]
-    errors = [line for line in lines if _EXCEPTION_LINE.match(line)]
-    if errors:
-        return errors[-1]
-    meaningful = [line for line in lines if not any(n in line for n in _LOG_NOISE)]
-    return (meaningful or lines or [""])[-1]
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    """SIGTERM the server's process group, then SIGKILL it after `timeout` seconds."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)  # started with start_new_session: pgid == pid
-        except ProcessLookupError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        except PermissionError:
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.05)
-
-
-# ---------------------------------------------------------------------------------------------
-# processes, ports, health
-
-
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it happens to be our child
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except ImportError:
-        pass
-    except Exception:  # NoSuchProcess, AccessDenied (then it is alive but not ours)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _create_time(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:
-        return None
-
-
-def _is_ours_and_alive(state: dict) -> bool:
-    """The pid in server.json is still the Prefect server we started (not a reused pid)."""
-    try:
-        pid = int(state["pid"])
-    except (TypeError, ValueError):
-        return False
-    if pid <= 0 or not _alive(pid):
-        return False
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        if (
-            state.get("create_time") is not None
-            and abs(proc.create_time() - float(state["create_time"])) > 1.0
-        ):
-            return False
-        cmdline = " ".join(proc.cmdline())
-        return "prefect" in cmdline and "server" in cmdline
-    except ImportError:
-        return True
-    except Exception:
-        return False
-
-
-PORT_RELEASE_S = 10.0
-
-
-def _choose_port(host: str, port: int | None, previous: int | None) -> int:
-    try:
-        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise CruijffError(f"cannot serve on host '{host}': {exc}") from None
-    if port is not None:
-        if not _port_free(host, port):
-            raise CruijffError(
-                f"port {port} on {host} is already in use by another program; choose another "
-                "port or stop that program"
-            )
-        return port
-    if previous:
-        # The same port when at all possible: runs still going reconnect to it by themselves.
-        # A server just killed may hold it for a few seconds while it dies.
-        deadline = time.monotonic() + PORT_RELEASE_S
-        while True:
-            if _port_free(host, int(previous)):
-                return int(previous)
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.25)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, 0))
-        except OSError as exc:
-            raise CruijffError(f"cannot serve on host '{host}': {exc}") from None
-        return s.getsockname()[1]
-
-
-def _port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", "", "::"):
-        return DEFAULT_HOST
-    return f"[{host}]" if ":" in host else host
-
-
-def _health(url: str, timeout: float) -> tuple[int | None, str]:
-    """(HTTP status, '') or (None, reason) for GET <url>/health."""
-    request = urllib.request.Request(url.rstrip("/") + "/health", method="GET")
-    # A local server must never go through an HTTP proxy from the environment.
-    handler = urllib.request.ProxyHandler({}) if _is_local(url) else urllib.request.ProxyHandler()
-    opener = urllib.request.build_opener(handler)
-    try:
-        with opener.open(request, timeout=timeout) as resp:
-            resp.read(64)
-            return resp.status, ""
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        return None, str(getattr(reason, "strerror", None) or reason)
-    except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
-        return None, str(exc) or type(exc).__name__
-
-
-def _healthy(url: str, timeout: float = 2.0) -> bool:
-    return _health(url, timeout)[0] == 200
-
-
-def _wait_healthy(url: str, *, pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if _healthy(url, timeout=2.0):
-            return True
-        if not _alive(pid) or time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-
-
-def _is_local(url: str) -> bool:
-    try:
-        host = urlsplit(url).hostname or ""
-    except ValueError:
-        return False
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
 def _same_url(a: str, b: str) -> bool:
     def norm(u: str) -> str:
         return u.strip().rstrip("/").replace("://localhost:", "://127.0.0.1:")
@@ -588,7 +325,7 @@ def _check_external(url: str, source: str) -> None:
     shown = mask_url(url)
     if not url.startswith(("http://", "https://")):
         raise CruijffError(f"{source} is not an http(s) URL: {shown}")
-    status, reason = _health(url, timeout=5.0)
+    status, reason = service.health(url, timeout=5.0)
     if status is None:
         raise CruijffError(
             f"the Prefect server at {shown} ({source}) is unreachable ({reason}); start it, "
@@ -622,4 +359,4 @@ def running_api(home: Path) -> str | None:
     if not url:
         info = server_status(home)
         return info.url if info else None
-    return url.rstrip("/") if _healthy(url) else None
+    return url.rstrip("/") if service.healthy(url) else None

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from service_support import require_service
 
+from cruijff.urls import mask_url
+
 DEFAULT_URL = "postgresql+asyncpg://prefect:prefect@127.0.0.1:5432/prefect"
 POSTGRES_URL = os.environ.get("CRUIJFF_TEST_POSTGRES_URL") or DEFAULT_URL
 START_HINT = "start it with: bash scripts/postgres/start.sh (as root)"
@@ -64,7 +66,7 @@ def _check_postgres() -> str | None:
     try:
         rows = query(POSTGRES_URL, "SELECT 1", timeout=5)
     except Exception as exc:  # refused, timeout, authentication, ...
-        return f"no login at {_masked(POSTGRES_URL)}: {type(exc).__name__}: {exc}"
+        return f"no login at {mask_url(POSTGRES_URL)}: {type(exc).__name__}: {exc}"
     return None if rows == [(1,)] else f"unexpected answer to SELECT 1: {rows}"
 
 
@@ -120,7 +122,7 @@ def fresh_database(prefix: str = "prefect_test") -> Iterator[Database]:
     except Exception as exc:
         with contextlib.suppress(Exception):
             admin_sql(f"DROP ROLE IF EXISTS {role}")
-        pytest.fail(f"cannot create a test database at {_masked(POSTGRES_URL)}: {exc}",
+        pytest.fail(f"cannot create a test database at {mask_url(POSTGRES_URL)}: {exc}",
                     pytrace=False)
     parts = urlsplit(POSTGRES_URL)
     url = urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.netloc.rsplit('@', 1)[-1]}",
@@ -140,10 +142,3 @@ def _libpq_url(url: str) -> str:
 def _with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
-
-def _masked(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(
-        netloc=f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"))

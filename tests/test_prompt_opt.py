@@ -63,7 +63,7 @@ def test_the_search_picks_the_instruction_that_works_with_the_scripted_test_doub
              for i in r["label"].split("shots ")[1].split(",")}
     assert demos and demos <= ids["train"]
 
-    from cruijff.stages import STAGES
+    from cruijff.registry import STAGES
 
     verified = STAGES["prompt_opt"].verify(trial, yaml.safe_load(config_path.read_text()))
     assert verified.metrics == {"best_score": 1.0, "candidates": 4, "chosen": 3}

@@ -14,7 +14,6 @@ import pytest
 from cruijff.flows.server import (
     ServerInfo,
     ensure_api,
-    mask_url,
     server_status,
     start_server,
     stop_server,
@@ -126,12 +125,6 @@ def test_port_in_use_by_another_program(tmp_path):
         with pytest.raises(CruijffError, match=rf"port {port} .*in use"):
             start_server(tmp_path, port=port)
     assert server_status(tmp_path) is None
-
-
-def test_password_is_masked():
-    url = "postgresql+asyncpg://prefect:s3cret@db.example:5432/prefect"
-    assert mask_url(url) == "postgresql+asyncpg://prefect:***@db.example:5432/prefect"
-    assert mask_url("sqlite+aiosqlite:////tmp/x.db") == "sqlite+aiosqlite:////tmp/x.db"
 
 
 def test_stop_then_recover_from_stale_state_with_concurrent_starts(home, server):

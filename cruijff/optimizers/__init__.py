@@ -1,7 +1,7 @@
 """Prompt optimizers: given the candidate space and a way to score a candidate (the task's own
 Inspect @task on the validation split), return the scored candidates. The built-in search
 needs no network; another optimizer (e.g. DSPy against an OpenAI-compatible endpoint) is one
-new file here plus a registry line below."""
+new file here plus its line in cruijff/registry.py."""
 
 from __future__ import annotations
 
@@ -42,14 +42,3 @@ class PromptOptimizer(ABC):
     def optimize(self, space: SearchSpace,
                  evaluate: Callable[[Candidate], Scored]) -> list[Scored]:
         """Score candidates (at most space.max_candidates) and return them all."""
-
-
-OPTIMIZERS: dict[str, PromptOptimizer] = {}
-
-
-def register(cls: type[PromptOptimizer]) -> type[PromptOptimizer]:
-    OPTIMIZERS[cls.name] = cls()
-    return cls
-
-
-from cruijff.optimizers import search  # noqa: E402, F401

@@ -6,10 +6,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from cruijff.optimizers import Candidate, PromptOptimizer, Scored, SearchSpace, register
+from cruijff.optimizers import Candidate, PromptOptimizer, Scored, SearchSpace
 
 
-@register
 class GridSearch(PromptOptimizer):
     name = "search"
 

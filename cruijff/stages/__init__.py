@@ -1,22 +1,26 @@
-"""Stages: one file each, registered here; the pipeline says which run, in which order.
+"""What a stage is: one file each (finetune.py, prompt_opt.py, eval.py), registered in
+cruijff/registry.py; the pipeline says which run, in which order.
 
-A stage turns a trial into a config file and the command that runs it; the flow and the
-generated `.slurm` scripts run that same command. Adding a stage is one new file plus a
-registry line below, or, from another package, an entry point in the `cruijff.stages` group.
+A stage turns a trial into a config file and the command that runs it (the flow and the
+generated `.slurm` scripts run that same command), checks what the command produced, and owns
+the facts about its outputs that the rest of cruijff asks for: whether trials with equal keys
+share one run, the folders it writes into, its headline metrics, its training losses. Adding
+a stage is one new file plus its line in the registry (or, from another package, an entry
+point in the `cruijff.stages` group).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cruijff.design import TrialSpec
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import type_name
 from cruijff.models import Family
+from cruijff.plan import TrialSpec
+from cruijff.registry import DEFAULT_PIPELINE, STAGES, file_stem
 from cruijff.settings import ExperimentConfig
 from cruijff.tasks import TaskModule
 
@@ -54,12 +58,40 @@ class StageConfig:
     command: list[str]
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A metric a stage's record carries that tables show per trial (run, --json)."""
+
+    column: str
+    """The table's column and, with spaces as _, the --json key: 'accuracy', 'final loss'."""
+    metric: str
+    """The key in the stage record's metrics: 'accuracy', 'loss_last'."""
+    format: str
+    """How a table shows it: '.3f'."""
+
+    @property
+    def key(self) -> str:
+        return self.column.replace(" ", "_")
+
+
 class Stage(ABC):
     name: ClassVar[str]
-    namespace: ClassVar[str]
-    """Design keys '<namespace>.*' are applied to this stage's config."""
+    """Also the namespace of its design keys ('<name>.*'), and its file names."""
     backend: ClassVar[str]
     """The distribution doing the work; its version is part of the stage key."""
+    shared: ClassVar[bool] = False
+    """Trials whose keys for this stage are equal run it once: the first runs it, the others
+    link its `folders` and record the reuse."""
+    folders: ClassVar[tuple[str, ...]] = ()
+    """Folders of the trial (relative) this stage writes its outputs into: made at build,
+    linked to the owner's where the run is shared, made again after --force moves them."""
+    headlines: ClassVar[tuple[Headline, ...]] = ()
+    scores: ClassVar[bool] = False
+    """Its run's first output is an Inspect log whose per-sample scores `analyze` reads."""
+
+    @property
+    def namespace(self) -> str:
+        return self.name
 
     @abstractmethod
     def enabled(self, trial: TrialSpec) -> bool: ...
@@ -80,8 +112,12 @@ class Stage(ABC):
         """Run the stage in this process (for stages whose command is `cruijff exec`)."""
         raise CruijffError(f"stage {self.name} is run by its own command, not `cruijff exec`")
 
+    def losses(self, trial_dir: Path, config: dict[str, Any]) -> list[float]:
+        """The training loss per step of this trial's run, for stages that train."""
+        return []
+
     def config_path(self, trial_dir: Path) -> Path:
-        return trial_dir / f"{self.name}.yaml"
+        return trial_dir / f"{file_stem(self.name)}.yaml"
 
     def overrides(self, trial: TrialSpec) -> dict[str, Any]:
         prefix = f"{self.namespace}."
@@ -137,48 +173,17 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
     node[last] = value
 
 
-_REGISTERED: dict[str, Stage] = {}
-
-
-def register(cls: type[Stage]) -> type[Stage]:
-    _REGISTERED[cls.name] = cls()
-    return cls
-
-
-from cruijff.stages import eval as eval_stage  # noqa: E402, F401
-from cruijff.stages import finetune, prompt_opt  # noqa: E402, F401
-
-PIPELINE = ("finetune", "prompt_opt", "eval")
-"""The default pipeline, in order (the experiment config's `pipeline` may choose others)."""
-
-
-def _load_plugins() -> None:
-    """Stages other packages register through the `cruijff.stages` entry point group."""
-    for entry in entry_points(group="cruijff.stages"):
-        if entry.name in _REGISTERED:
-            continue
-        try:
-            cls = entry.load()
-        except Exception as exc:  # a broken plugin must not hide which one it is
-            raise CruijffError(f"stage plugin {entry.name!r} ({entry.value}) failed to load: "
-                               f"{exc}") from None
-        register(cls)
-
-
-_load_plugins()
-STAGES: dict[str, Stage] = {**{name: _REGISTERED[name] for name in PIPELINE}, **_REGISTERED}
-"""Every registered stage by name: the default pipeline's first, in order."""
-
-
 def pipeline_stages(names: list[str]) -> list[Stage]:
     """The stages a pipeline names, in its order; an unknown or repeated name is an error."""
     if not names:
         raise CruijffError("pipeline is empty: name at least one stage, such as "
-                           f"[{', '.join(PIPELINE)}]")
+                           f"[{', '.join(DEFAULT_PIPELINE)}]")
+    stages = []
     for name in names:
-        if name not in STAGES:
-            raise CruijffError(f"pipeline: unknown stage {name!r}{did_you_mean(name, STAGES)}; "
-                               f"registered stages: {', '.join(STAGES)}")
         if names.count(name) > 1:
             raise CruijffError(f"pipeline: stage {name!r} is named twice")
-    return [STAGES[name] for name in names]
+        try:
+            stages.append(STAGES[name])
+        except CruijffError as exc:
+            raise CruijffError(f"pipeline: {exc}") from None
+    return stages

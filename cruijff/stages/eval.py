@@ -8,16 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cruijff.design import TrialSpec
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_yaml_mapping
+from cruijff.plan import TrialSpec
 from cruijff.stages import (
+    Headline,
     Stage,
     StageConfig,
     StageFailed,
     TrialContext,
     Verified,
-    register,
     set_existing,
 )
 from cruijff.stages.finetune import FINAL_CHECKPOINT
@@ -84,11 +84,11 @@ def log_metrics(log: Any) -> dict[str, Any]:
     return metrics
 
 
-@register
 class EvalStage(Stage):
     name = "eval"
-    namespace = "eval"
     backend = "inspect-ai"
+    headlines = (Headline("accuracy", "accuracy", ".3f"),)
+    scores = True
 
     def enabled(self, trial: TrialSpec) -> bool:
         return True

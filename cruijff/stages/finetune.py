@@ -10,23 +10,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cruijff.design import TrialSpec
 from cruijff.errors import CruijffError
 from cruijff.fileio import load_yaml_mapping
 from cruijff.models import checkpoint_files, torchtune_config_path
+from cruijff.plan import TrialSpec
 from cruijff.stages import (
+    Headline,
     Stage,
     StageConfig,
     StageFailed,
     TrialContext,
     Verified,
-    register,
     set_existing,
     set_path,
 )
 
-FINAL_CHECKPOINT = "checkpoints/final"
+CHECKPOINTS = "checkpoints"
+FINAL_CHECKPOINT = f"{CHECKPOINTS}/final"
 """Where a trial's fine-tuned model ends up (relative to the trial folder)."""
+LOG_DIR = "logs/finetune"
+"""Where torchtune's metric logger writes (relative to the trial folder)."""
 
 
 def dataset_section(data_path: Path) -> dict[str, Any]:
@@ -84,11 +87,12 @@ def recipe_for(config: dict[str, Any], default: str | None) -> str:
     return "lora_finetune_single_device" if lora else "full_finetune_single_device"
 
 
-@register
 class FinetuneStage(Stage):
     name = "finetune"
-    namespace = "finetune"
     backend = "torchtune"
+    shared = True
+    folders = (CHECKPOINTS,)
+    headlines = (Headline("final loss", "loss_last", ".4f"),)
 
     def enabled(self, trial: TrialSpec) -> bool:
         return trial.use_fine_tune
@@ -106,7 +110,7 @@ class FinetuneStage(Stage):
             )
         config = copy.deepcopy(_load_default(source))
 
-        checkpoints = ctx.trial_dir / "checkpoints"
+        checkpoints = ctx.trial_dir / CHECKPOINTS
         config["output_dir"] = str(checkpoints)
         set_path(config, "checkpointer.checkpoint_dir", str(ctx.model_path))
         set_path(config, "checkpointer.checkpoint_files", checkpoint_files(ctx.model_path))
@@ -114,7 +118,7 @@ class FinetuneStage(Stage):
         for key, relative in (ctx.family.files if ctx.family else {}).items():
             set_path(config, key, str(ctx.model_path / relative))
         config["dataset"] = dataset_section(ctx.data_path)
-        set_path(config, "metric_logger.log_dir", str(ctx.trial_dir / "logs" / "finetune"))
+        set_path(config, "metric_logger.log_dir", str(ctx.trial_dir / LOG_DIR))
 
         for key, value in self.overrides(ctx.trial).items():
             set_existing(config, key, value, f"fine-tune config ({source.name})",
@@ -127,6 +131,10 @@ class FinetuneStage(Stage):
         checkpoints = sorted(Path(config["output_dir"]).glob("*"))
         return [*checkpoints, *([Path(log_dir)] if log_dir else [])]
 
+    def losses(self, trial_dir: Path, config: dict[str, Any]) -> list[float]:
+        log_dir = config.get("metric_logger", {}).get("log_dir") or trial_dir / LOG_DIR
+        return training_losses(Path(log_dir))
+
     def verify(self, trial_dir: Path, config: dict[str, Any]) -> Verified:
         """The final epoch's weights exist and the loss was logged; checkpoints/final points
         at that epoch, which is what the eval stage loads."""
@@ -134,9 +142,9 @@ class FinetuneStage(Stage):
         epoch_dir = Path(config["output_dir"]) / f"epoch_{epochs - 1}"
         if not any(epoch_dir.glob("*.safetensors")) or not (epoch_dir / "config.json").is_file():
             raise StageFailed(f"fine-tune finished without model weights in {epoch_dir}")
-        log_dir = Path(config.get("metric_logger", {}).get("log_dir", ""))
-        losses = training_losses(log_dir)
+        losses = self.losses(trial_dir, config)
         if not losses:
+            log_dir = config.get("metric_logger", {}).get("log_dir")
             raise StageFailed(f"fine-tune logged no training loss in {log_dir}")
         final = trial_dir / FINAL_CHECKPOINT
         link = final.with_name(f".{final.name}.tmp")

@@ -15,17 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cruijff.design import TrialSpec
 from cruijff.errors import CruijffError
 from cruijff.fileio import atomic_write_text, dump_yaml, load_yaml_mapping
-from cruijff.optimizers import OPTIMIZERS, Candidate, Scored, SearchSpace
+from cruijff.optimizers import Candidate, Scored, SearchSpace
+from cruijff.plan import TrialSpec
+from cruijff.registry import OPTIMIZERS
 from cruijff.stages import (
     Stage,
     StageConfig,
     StageFailed,
     TrialContext,
     Verified,
-    register,
     set_existing,
 )
 from cruijff.stages.eval import inspect_target, log_metrics, task_factory
@@ -35,10 +35,8 @@ CANDIDATES = "prompt_opt/candidates.csv"
 CHOSEN = "prompt_opt/chosen.yaml"
 
 
-@register
 class PromptOptStage(Stage):
     name = "prompt_opt"
-    namespace = "prompt_opt"
     backend = "inspect-ai"
 
     def enabled(self, trial: TrialSpec) -> bool:
@@ -65,9 +63,10 @@ class PromptOptStage(Stage):
         }
         for key, value in self.overrides(ctx.trial).items():
             set_existing(config, key, value, "prompt_opt config", self.namespace)
-        if config["optimizer"] not in OPTIMIZERS:
-            raise CruijffError(f"prompt_opt.optimizer {config['optimizer']!r} is unknown: one "
-                               f"of {', '.join(OPTIMIZERS)}")
+        try:
+            OPTIMIZERS[config["optimizer"]]
+        except CruijffError as exc:
+            raise CruijffError(f"prompt_opt.optimizer: {exc}") from None
         command = [sys.executable, "-m", "cruijff", "exec", self.name,
                    str(self.config_path(ctx.trial_dir))]
         return StageConfig(config, command)

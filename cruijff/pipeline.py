@@ -1,0 +1,252 @@
+"""A run, top to bottom: what `cruijff run` runs, in which order, what is shared and retried.
+
+`RunPlan.make` turns the command line into a plan (which trials and stages, on which executor,
+with how many workers); `hold` takes the experiment for the run; `run_trial` is one trial's
+pipeline, read like a torchtune recipe: skip what is done, reuse a shared stage another trial
+runs (waiting for it), run the rest with retries, stop at a failure or a stop request.
+
+Where a stage runs is the one seam, `submit`: `run_in_process` runs stages as subprocesses of
+this process (the tests, no orchestrator), cruijff.flows submits each as a Prefect task on a
+Dask worker (a thread of a LocalCluster, or a Slurm job).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cruijff.errors import CruijffError
+from cruijff.experiment import BuildRequest, matching_experiment
+from cruijff.registry import STAGES
+from cruijff.runner import (
+    STOP,
+    Experiment,
+    Trial,
+    archive_stages,
+    check_writable,
+    execute_stage,
+    is_done,
+    link_shared,
+    load_experiment,
+    pending,
+    run_lock,
+    select,
+    stage_key,
+    stop_on_signals,
+    unfinished_trials,
+    unlocked,
+)
+from cruijff.state import read_record
+
+EXECUTORS = ("local", "slurm")
+
+Submit = Callable[[Trial, str, str, int], bool]
+"""Run one attempt of a stage (trial, stage, key, attempt number) somewhere and wait for it;
+True if its record now says done."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one `cruijff run` runs, decided before anything starts."""
+
+    experiment: Experiment
+    selection: list[tuple[Trial, list[str]]]
+    """(trial, the stages of it to consider), in trial order."""
+    executor: str
+    force: bool
+    """Run the selected stages even if done (their old outputs are archived first)."""
+    workers: int
+    """Stages at once (local: Dask workers; slurm: per resource profile, at most max_jobs)."""
+    threads: int
+    """OMP_NUM_THREADS of each local stage: the cores shared out among the workers; 0 on
+    Slurm, where the job's own CPUs count."""
+    retries: int
+    stage: str | None = None
+    trials: str | None = None
+    """The trial ids as a deployment's parameters carry them ('a,b'), after --failed."""
+    note: str | None = None
+    """Why nothing is selected (--failed on an experiment without failures)."""
+
+    @classmethod
+    def make(cls, path: Path, *, stage: str | None = None, trials: str | None = None,
+             failed: bool = False, force: bool = False, executor: str | None = None,
+             workers: int | None = None, retries: int | None = None) -> RunPlan:
+        if executor not in (None, *EXECUTORS):
+            raise CruijffError(f"--executor must be local or slurm, not {executor!r}")
+        experiment = load_experiment(path)
+        settings = experiment.orchestration
+        note = None
+        if failed:
+            if trials is not None:
+                raise CruijffError("--failed picks the trials itself: drop --trials")
+            trials = ",".join(t.id for t in unfinished_trials(experiment)) or None
+            if trials is None:
+                note = f"Experiment {experiment.name} has no failed trials."
+        selection = [] if note else select(experiment, trials, stage)
+        if not selection and not note:
+            raise CruijffError(f"nothing selected: no trial of {experiment.name} has stage "
+                               f"{stage!r}")
+        executor = executor or settings.executor
+        cores = os.cpu_count() or 1
+        workers = min(workers or settings.workers or cores, max(1, len(selection)))
+        return cls(experiment, selection, executor, force, workers,
+                   threads=max(1, cores // workers) if executor == "local" else 0,
+                   retries=settings.retries if retries is None else retries,
+                   stage=stage, trials=trials, note=note)
+
+    def check_startable(self) -> None:
+        """Refuse now, before a server starts or a build is shown as running: the experiment
+        is being run, or cannot be written."""
+        if not unlocked(self.experiment):
+            raise CruijffError(f"experiment {self.experiment.name} is already being run: wait "
+                               "for it to finish or stop it first")
+        check_writable(self.experiment)
+
+    def todo(self) -> list[tuple[Trial, str]]:
+        """The stages this run will execute (or reuse): every selected one with --force,
+        else those not done with their current key."""
+        if self.force:
+            return [(t, s) for t, stages in self.selection for s in stages]
+        return pending(self.selection)
+
+    def parameters(self) -> dict[str, Any]:
+        """The plan as the experiment flow's (and deployment's) parameters."""
+        return {"experiment": str(self.experiment.path), "stage": self.stage,
+                "trials": self.trials, "workers": self.workers, "executor": self.executor,
+                "force": self.force}
+
+
+def experiment_to_run(request: BuildRequest, force: bool,
+                      build: Callable[[BuildRequest, bool], Path]) -> tuple[Path, bool]:
+    """`cruijff run` with build options: (the experiment to run, whether to force its stages).
+    One built from the same inputs under that name is continued; otherwise, or with --force,
+    `build(request, force)` builds it (again), and a fresh build has nothing to force."""
+    existing = None if force else matching_experiment(request)
+    if existing is not None:
+        return existing, False
+    return build(request, force), False
+
+
+class Sharing:
+    """Within one run: of the trials whose shared stage has equal keys, the first (in trial
+    order) runs it; the others wait for it to end, then link to its outputs."""
+
+    def __init__(self, selection: list[tuple[Trial, list[str]]]) -> None:
+        self.owners: dict[tuple[str, str], str] = {}
+        for trial, stages in selection:
+            for stage in stages:
+                if STAGES[stage].shared:
+                    self.owners.setdefault((stage, stage_key(trial, stage)), trial.id)
+        self.ended = {claim: threading.Event() for claim in self.owners}
+
+    def donor(self, experiment: Experiment, trial: Trial, stage: str, key: str) -> Trial | None:
+        """The trial whose finished run `trial` can reuse, after waiting for the owner if
+        another trial runs it in this run; None if `trial` must run it (owner, owner failed)."""
+        owner = self.owners.get((stage, key))
+        if owner is not None and owner != trial.id:
+            self.ended[(stage, key)].wait()
+        for other in experiment.trials:
+            if other.id != trial.id and stage in other.stages and is_done(other, stage, key):
+                record = read_record(other.dir, stage)
+                if record is not None and record.reused_from is None:
+                    return other
+        return None
+
+    def release(self, trial: Trial, stage: str, key: str) -> None:
+        """`trial` is done trying a stage: if it owned the run, its waiters may go on."""
+        if self.owners.get((stage, key)) == trial.id:
+            self.ended[(stage, key)].set()
+
+
+def run_with_retries(trial: Trial, stage: str, key: str, submit: Submit, retries: int,
+                     stop: threading.Event = STOP) -> bool:
+    """Submit the stage, and again after a failure, up to `retries` times; True once done.
+    The retry loop lives here, not in Prefect's task engine, because that engine runs on the
+    worker: when a worker is lost (a cancelled or timed-out Slurm job) its retries go too."""
+    for attempt in range(1, retries + 2):
+        done = submit(trial, stage, key, attempt)
+        if stop.is_set():
+            return False
+        if done:
+            return True
+    return False
+
+
+def run_trial(experiment: Experiment, trial: Trial, stages: list[str], submit: Submit, *,
+              sharing: Sharing, retries: int, stop: threading.Event = STOP) -> dict[str, str]:
+    """One trial's pipeline: stage -> skipped (done with its current key), reused (another
+    trial's run of a shared stage), done, or failed (the later stages do not run). Stops
+    starting stages once `stop` is set."""
+    outcome: dict[str, str] = {}
+    for stage in stages:
+        if stop.is_set():
+            break
+        key = stage_key(trial, stage)
+        if is_done(trial, stage, key):
+            outcome[stage] = "skipped"
+            continue
+        if STAGES[stage].shared:
+            donor = sharing.donor(experiment, trial, stage, key)
+            if donor is not None:
+                link_shared(trial, donor, stage)
+                outcome[stage] = "reused"
+                continue
+        try:
+            done = run_with_retries(trial, stage, key, submit, retries, stop)
+        finally:
+            sharing.release(trial, stage, key)
+        outcome[stage] = "done" if done else "failed"
+        if not done:
+            break
+    return outcome
+
+
+@contextmanager
+def hold(plan: RunPlan) -> Iterator[Sharing]:
+    """The experiment, held for this run: its run lock, Ctrl-C/SIGTERM as a clean stop, the
+    old outputs of --force's stages archived; yields who runs each shared stage."""
+    with run_lock(plan.experiment), stop_on_signals():
+        if plan.force:
+            archive_stages(plan.experiment, plan.selection)
+        yield Sharing(plan.selection)
+
+
+T = TypeVar("T")
+
+
+def run_concurrently(selection: list[tuple[Trial, list[str]]],
+                     start: Callable[[Trial, list[str]], T], at_once: int) -> dict[str, T]:
+    """start(trial, stages) for every selected trial, at most `at_once` at a time, in trial
+    order; trial id -> what it returned. Each runs in a copy of this thread's context (an
+    orchestrator's run context goes along)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(selection), at_once))) as pool:
+        futures = {trial.id: pool.submit(contextvars.copy_context().run, start, trial, stages)
+                   for trial, stages in selection}
+        return {trial_id: future.result() for trial_id, future in futures.items()}
+
+
+def run_in_process(plan: RunPlan) -> dict[str, dict[str, str]]:
+    """Run the plan with no orchestrator: each trial's pipeline in a thread, its stages as
+    subprocesses of this process (plan.workers at once). Trial id -> stage outcomes."""
+    slots = threading.Semaphore(plan.workers)
+
+    def submit(trial: Trial, stage: str, key: str, attempt: int) -> bool:
+        with slots:
+            if STOP.is_set():
+                return False
+            return execute_stage(trial, stage, key, threads=plan.threads).is_done
+
+    with hold(plan) as sharing:
+        return run_concurrently(
+            plan.selection,
+            lambda trial, stages: run_trial(plan.experiment, trial, stages, submit,
+                                            sharing=sharing, retries=plan.retries),
+            # waiting for a shared stage holds a thread, not a worker slot
+            at_once=len(plan.selection))
