@@ -2,8 +2,10 @@
 `summary` / `analyze` while a run writes (and two `analyze` at once).
 
 Builds and analyses run as real `python -m cruijff` processes. Where a race would depend on
-timing, the test holds the lock itself (fcntl, as another cruijff would) so the outcome is
-certain; one test per case also starts the processes genuinely at once.
+timing, the test holds the lock itself (fcntl, as another cruijff would), or holds one side
+inside its store transaction while the other runs to its end without ever waiting for a lock,
+so the outcome is certain and broken isolation fails every time, however fast or slow the
+machine; one test per case also starts the processes genuinely at once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from postgres_support import fresh_database
 from results_support import SyntheticTrial, make_experiment, write_eval_log_file
 from sqlalchemy import event
 
+from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, experiment_config
 from cruijff.report import CSV_COLUMNS, compute_analysis
 from cruijff.runner import load_experiment, run_lock
@@ -244,6 +247,62 @@ def test_analyzes_at_once_all_succeed_with_the_same_result(tmp_path, backend):
     assert_report_whole(experiment / "report")
 
 
+def never_waits(store) -> None:
+    """The store's SQLite transactions give up at once ("database is locked") where they
+    would wait for another's lock (busy_timeout 0): a test can then run it to its end while
+    holding another transaction open, and no timeout decides what it observes."""
+    event.listen(store.engine, "checkout",
+                 lambda dbapi_connection, *_: dbapi_connection.execute("PRAGMA busy_timeout=0"))
+
+
+def test_a_load_is_kept_out_of_another_load_in_progress(tmp_path):
+    """Two loads of one experiment at once (what two `analyze` do; the test above starts
+    them genuinely together, where they may or may not overlap): the second cannot run a
+    statement while the first's transaction is open, so neither sees the other's half-done
+    rows nor fails when it comes to write (SQLite refuses to let a reader wait for a writer
+    that waits for it). The overlap is certain: the first load is held inside its
+    transaction, after its first query, until the second has run to its end; the second
+    never waits for a lock, so it is kept out at once or gets in, whatever the machine's
+    speed, and getting in fails this test."""
+    experiment = synthetic(tmp_path / "exp")
+    with open_store(None, experiment) as first, open_store(None, experiment) as second:
+        load_experiment_results(first, experiment)  # rows to replace: the load reads first
+        never_waits(second)
+        ran: list[str] = []  # statements the second load ran inside the first's transaction
+        outcome: list[str] = []
+
+        def second_load() -> None:
+            try:
+                load_experiment_results(second, experiment)
+                outcome.append("loaded")
+            except CruijffError as exc:
+                outcome.append(str(exc))
+
+        other = threading.Thread(target=second_load)
+
+        def note(_conn, _cursor, statement, *_args) -> None:
+            ran.append(statement)
+
+        def hold_first(_conn, _cursor, statement, *_args) -> None:
+            if statement.lstrip().upper().startswith("SELECT") and other.ident is None:
+                event.listen(second.engine, "after_cursor_execute", note)
+                other.start()
+                other.join(timeout=120)  # it never waits on a lock: this is a hang guard
+                assert not other.is_alive(), "the second load hung"
+                event.remove(second.engine, "after_cursor_execute", note)
+
+        event.listen(first.engine, "after_cursor_execute", hold_first)
+        load_experiment_results(first, experiment)
+        event.remove(first.engine, "after_cursor_execute", hold_first)
+        assert other.ident is not None, "the first load ran no query: nothing was held"
+        assert ran == [], f"the second load ran inside the first's transaction: {ran}"
+        assert len(outcome) == 1 and "locked" in outcome[0], outcome
+        load_experiment_results(second, experiment)  # once the first is done, it goes in
+        analysis = compute_analysis(first, experiment)
+    assert [(t.id, t.status) for t in analysis.trials] == [("a", "ok"), ("b", "ok"),
+                                                           ("c", "running")]
+
+
 @contextmanager
 def store_url(backend: str, experiment: Path) -> Iterator[str]:
     """The results store to use: the default SQLite file, or a new PostgreSQL database."""
@@ -306,39 +365,51 @@ def assert_report_whole(folder: Path) -> None:
 
 
 def test_a_read_never_sees_half_of_another_load(tmp_path):
-    """compute_analysis reads the store while another process-like writer loads a newer state
-    (trial c's eval went from running, with its log half-written, to done) between two of its
-    queries: it sees the old state or the new one, never c's samples with c still 'running'."""
+    """compute_analysis reads the store while another writer loads a newer state (trial c's
+    eval went from running, with its log half-written, to done) between two of its queries:
+    it sees the old state or the new one, never c's samples with c still 'running'.
+
+    The load runs to its end, held nowhere by the test, while the read waits between its
+    queries; the writer never waits for a lock (busy_timeout 0), so either the read's
+    isolation keeps it out at once ("database is locked") or it commits before the read goes
+    on. No timeout decides which, so a read that is not isolated fails this test every time,
+    however fast or slow the machine."""
     experiment = synthetic(tmp_path / "exp")
     trial_c = experiment / "trial-c"
     log = "logs/eval/2026-01-01T00-00-00+00-00_capitalization_c.eval"
     write_eval_log_file(trial_c / log, SCORES)
     whole = (trial_c / log).read_bytes()
     (trial_c / log).write_bytes(whole[: len(whole) // 2])  # Inspect is still writing it
-    with open_store(None, experiment) as store:
+    with open_store(None, experiment) as store, open_store(None, experiment) as other:
         load_experiment_results(store, experiment)
+        never_waits(other)
+        outcome: list[str] = []
 
         def newer_load() -> None:
             (trial_c / log).write_bytes(whole)
             write_record(trial_c, StageRecord("eval", "eval-key", "done", outputs=[log],
                                               metrics={"samples": len(SCORES)}))
-            with open_store(None, experiment) as other:
+            try:
                 load_experiment_results(other, experiment)
+                outcome.append("loaded")
+            except CruijffError as exc:  # kept out by the read's transaction
+                outcome.append(str(exc))
 
         writer = threading.Thread(target=newer_load)
 
         def between_queries(_conn, _cursor, statement, *_args) -> None:
             if "FROM samples" in statement and writer.ident is None:
                 writer.start()
-                writer.join(timeout=3)  # it can finish now only if this read is not isolated
+                writer.join(timeout=120)  # it never waits on a lock: this is a hang guard
+                assert not writer.is_alive(), "the writer hung"
 
         event.listen(store.engine, "before_cursor_execute", between_queries)
         first = compute_analysis(store, experiment)
         event.remove(store.engine, "before_cursor_execute", between_queries)
-        writer.join(timeout=60)
-        assert not writer.is_alive()
+        assert outcome == ["loaded"] or (len(outcome) == 1 and "locked" in outcome[0]), outcome
         c = next(t for t in first.trials if t.id == "c")
         assert (c.status, c.has_results) == ("running", False), (c.status, c.estimate)
+        load_experiment_results(store, experiment)  # (again, if it was kept out)
         second = compute_analysis(store, experiment)
     assert [(t.id, t.status) for t in second.trials] == [("a", "ok"), ("b", "ok"), ("c", "ok")]
 

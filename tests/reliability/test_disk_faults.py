@@ -2,8 +2,8 @@
 torchtune writes a checkpoint (a small tmpfs mounted for the test).
 
 Mounting needs root: on a laptop these tests use chmod where they can and skip the rest; CI
-runs as root and sets CRUIJFF_REQUIRE_MOUNT=1 where the machine allows mounts, turning such a
-skip into a failure."""
+runs as root, refuses to start on a machine that cannot mount, and sets
+CRUIJFF_REQUIRE_MOUNT=1, turning such a skip into a failure."""
 
 from __future__ import annotations
 

@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import cruijff
+from cruijff.flows.status import ORPHAN_MIN_AGE
 
 from cruijff.runner import load_experiment, unlocked
 from cruijff.state import StageRecord, read_record, write_record
@@ -82,6 +84,24 @@ async def flow_run_states(api: str, experiment: str) -> dict[str, str]:
         runs = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"exp:{experiment}"])))
     return {r.name: r.state.type.value for r in runs}
+
+
+async def running_flow_run_starts(api: str, experiment: str) -> list[datetime]:
+    """When each of the experiment's flow runs that say Running started (now, if unknown)."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    async with PrefectClient(api=api) as client:
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[f"exp:{experiment}"]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+    return [r.start_time or datetime.now(UTC) for r in runs]
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
@@ -321,17 +341,21 @@ def test_kill_9_during_an_eval_then_run_again(tmp_path, tiny_random_model, prefe
                     env=prefect_env)
     assert built.returncode == 0, built.stderr
     exp = site / "eval-killed"
-    started = time.monotonic()
     run = start_run(exp, prefect_env)
-    wait_until(lambda: status(exp, "a", "eval") == "running" and stage_processes(exp),
-               "the eval runs", proc=run)
-    time.sleep(2)  # into the eval (loading the model alone takes longer)
-    assert run.poll() is None
+    # Into the eval: the model is loaded and Inspect has written its log's start (an
+    # unfinished log the next run must not report).
+    wait_until(lambda: status(exp, "a", "eval") == "running" and stage_processes(exp)
+               and any((exp / "trial-a" / "logs" / "eval").glob("*.eval")),
+               "the eval has started its Inspect log", timeout=300, proc=run)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     wait_until(lambda: not stage_processes(exp), "the eval process is gone", timeout=10)
     assert status(exp, "a", "eval") == "running"
-    time.sleep(max(0.0, 12 - (time.monotonic() - started)))  # summary repairs older runs only
+    # summary marks a Running flow run Crashed only once it is older than a run's start-up
+    orphans = asyncio.run(running_flow_run_starts(prefect_env["PREFECT_API_URL"], exp.name))
+    assert orphans, "the killed run left no flow run Running"
+    wait_until(lambda: datetime.now(UTC) - max(orphans) > ORPHAN_MIN_AGE,
+               "the orphaned flow runs are old enough to repair", timeout=60)
 
     shown = cruijff("summary", "--json", exp, env=prefect_env)
     data = json.loads(shown.stdout)

@@ -1,0 +1,37 @@
+"""Repeated timings for the benchmarks: every side of a comparison in one run, their order
+alternated from one repeat to the next, reported as median and range."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+MIN_REPEATS = 5
+
+
+def alternate(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each side, `repeats` times; odd repeats run the sides in reverse order,
+    so neither always runs first (warm caches, a neighbour's load)."""
+    if repeats < MIN_REPEATS:
+        raise SystemExit(f"--repeats must be at least {MIN_REPEATS}, got {repeats}")
+    names = list(sides)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            started = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def describe(seconds: list[float]) -> str:
+    """'median 0.123 s (range 0.101-0.150 s, 5 repeats)'."""
+    return (f"median {statistics.median(seconds):.3f} s (range {min(seconds):.3f}-"
+            f"{max(seconds):.3f} s, {len(seconds)} repeats)")
+
+
+def verdict(seconds: list[float], goal_s: float) -> str:
+    """Whether the median meets a goal of `goal_s` seconds."""
+    median = statistics.median(seconds)
+    return f"goal < {goal_s:g} s: {'met' if median < goal_s else 'MISSED'}"
