@@ -8,12 +8,14 @@ key). A treatment's control trial has the same model and dataset and only the co
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cruijff.components import COMPONENT_KEY, RESOLVER
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_json, parse_json, parse_yaml, type_name
 from cruijff.models import validate_model_id
@@ -42,6 +44,8 @@ MANAGED_KEYS = ("finetune.dataset", "prompt_opt.model", "prompt_opt.task",
 CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 """Control characters other than tab and newlines: never part of a prompt or setting, and
 they reach terminals (escape sequences) and the comment line of the .slurm scripts."""
+COUNT_CAP = 10**15
+"""Trial counts stop here: far past any limit, and short enough to print."""
 
 
 def _namespaces() -> dict[str, str]:
@@ -76,7 +80,11 @@ def canonical_key(key: object) -> str:
 
 def _check_value(key: str, value: Any) -> None:
     """Refuse a stage key cruijff manages (also as a key inside a mapping value, which
-    replaces a whole section) and control characters in any string of the value."""
+    replaces a whole section), control characters in any string of the value, NaN and
+    infinities anywhere in it (YAML's .nan, JSON's 1e999: no setting means them, and a NaN
+    learning rate trains to garbage silently), a `_component_` for any stage but the
+    fine-tune (only torchtune instantiates them; its stage checks the final config), and
+    OmegaConf resolver calls in fine-tune strings (components.RESOLVER)."""
     stack: list[tuple[str, Any]] = [(key, value)]
     while stack:
         path, item = stack.pop()
@@ -92,6 +100,18 @@ def _check_value(key: str, value: Any) -> None:
             item = "".join(str(k) for k in item)  # the keys: checked like a string value
         elif isinstance(item, list):
             stack.extend((path, v) for v in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise CruijffError(f"key {path!r}: {item} is not a finite number: give a number "
+                               "such as 1e-4")
+        if last == COMPONENT_KEY and not path.startswith("finetune."):
+            raise CruijffError(
+                f"key {path!r}: only the fine-tune (torchtune) config may name a "
+                f"{COMPONENT_KEY}, and only from torchtune: drop it")
+        if isinstance(item, str) and path.startswith("finetune.") and RESOLVER.search(item):
+            raise CruijffError(
+                f"key {path!r}: {item[:60]!r}{'...' if len(item) > 60 else ''} calls an "
+                "OmegaConf resolver, which torchtune would run when it loads the config: write "
+                "the value itself")
         if isinstance(item, str) and (bad := CONTROL_CHARACTER.search(item)):
             raise CruijffError(
                 f"key {key!r}: a value holds the control character {bad.group()!r}: remove it "
@@ -118,7 +138,15 @@ def _object(data: Any, source: str) -> dict[str, Any]:
         raise CruijffError(
             f"{source} must be a JSON object {{\"key\": value}}, not {type_name(data)}"
         )
-    checked = {canonical_key(k): v for k, v in data.items()}
+    checked: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for written, value in data.items():
+        key = canonical_key(written)
+        if key in checked:  # even with equal values: one key, one place to read it
+            raise CruijffError(
+                f"{source} sets {key} twice, as {spelled[key]!r} and {written!r} (one key under "
+                "two names): keep one of them")
+        checked[key], spelled[key] = value, written
     for key, value in checked.items():
         _check_value(key, value)
     return checked
@@ -228,6 +256,32 @@ def _variants(treatment: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
 
 
+def _count_trials(treatments: list[dict[str, Any]], models: list[Any], datasets: list[Any],
+                  controls: bool) -> int:
+    """How many trials the design makes at most (before equal ones are merged), from the
+    list lengths alone: counted before expanding, so a grid of millions is refused at once
+    instead of filling memory. Stops counting at COUNT_CAP (a 10 MB design can multiply to a
+    number too long to print)."""
+    treated, control_pairs = 0, len(models) * len(datasets)
+    all_models, all_datasets = ({repr(v) for v in models}, {repr(v) for v in datasets})
+    for treatment in treatments:
+        own_models = _as_list(treatment.get("model", models))
+        own_datasets = _as_list(treatment.get("dataset", datasets))
+        pairs = len(own_models) * len(own_datasets)
+        variants = 1
+        for key, value in treatment.items():
+            if key not in ("model", "dataset") and isinstance(value, list):
+                variants = min(variants * len(value), COUNT_CAP)
+        treated = min(treated + pairs * variants, COUNT_CAP)
+        if "model" in treatment or "dataset" in treatment:  # control trials for new pairs
+            control_pairs = min(control_pairs + pairs, COUNT_CAP)
+            all_models.update(repr(v) for v in own_models)
+            all_datasets.update(repr(v) for v in own_datasets)
+    if controls:
+        treated += min(control_pairs, len(all_models) * len(all_datasets))
+    return min(treated, COUNT_CAP)
+
+
 def expand(design: Design, config: ExperimentConfig) -> Plan:
     """All trials, control trials first, with deterministic ids."""
     controls = dict(design.controls)
@@ -241,6 +295,13 @@ def expand(design: Design, config: ExperimentConfig) -> Plan:
                        *(("dataset", d) for d in base_datasets), *trial_flags.items()]:
         _check_trial_value(key, value)
 
+    count = _count_trials(design.treatments, base_models, base_datasets,
+                          config.run_control_trials or not design.treatments)
+    if count > config.max_trials:
+        shown = f"at least {count:,}" if count >= COUNT_CAP else f"up to {count:,}"
+        raise CruijffError(
+            f"the design makes {shown} trials; the limit is max_trials = {config.max_trials:,}: "
+            "split the grid, or raise max_trials in config.yaml (or CRUIJFF_MAX_TRIALS)")
     pairs: list[tuple[str, str]] = list(itertools.product(base_models, base_datasets))
     treated: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
     for number, treatment in enumerate(design.treatments, start=1):
