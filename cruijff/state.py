@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
 from cruijff.fileio import atomic_write_text
 from cruijff.registry import file_stem
 
@@ -49,6 +51,8 @@ class StageRecord:
     fingerprint: dict[str, int] = field(default_factory=dict)
     """Size of every file of the verified outputs: a file truncated or lost after the stage
     was recorded done (a crash, a full disk, a hand) makes the stage not done any more."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # see _RECORD
 
     @property
     def is_done(self) -> bool:
@@ -86,12 +90,54 @@ def record_path(trial_dir: Path, stage: str) -> Path:
 
 
 def read_record(trial_dir: Path, stage: str) -> StageRecord | None:
-    """The stage's record, or None if there is none (or it is unreadable: then it is not done)."""
-    try:
-        data = json.loads(record_path(trial_dir, stage).read_text(encoding="utf-8"))
-        return StageRecord(**data)
-    except (OSError, ValueError, TypeError):
+    """The stage's record, or None if there is none (or it is unreadable: then it is not done,
+    and record_problem says why)."""
+    return _load_record(trial_dir, stage)[0]
+
+
+def record_problem(trial_dir: Path, stage: str) -> str | None:
+    """Why the stage's record is there but unreadable (truncated, not JSON, a field of the
+    wrong type), as views show it; None when it is readable or there is none."""
+    problem = _load_record(trial_dir, stage)[1]
+    if problem is None:
         return None
+    relative = record_path(trial_dir, stage).relative_to(trial_dir)
+    return f"its record {relative} is unreadable ({problem}): `cruijff run` runs it again"
+
+
+def _load_record(trial_dir: Path, stage: str) -> tuple[StageRecord | None, str | None]:
+    """(the record, None), (None, why it is unreadable), or (None, None) if there is none."""
+    path = record_path(trial_dir, stage)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, getattr(exc, "strerror", None) or str(exc)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return None, f"not JSON: {exc}"
+    return _validated(data)
+
+
+_RECORD = TypeAdapter(StageRecord)
+"""Checks a record's JSON against StageRecord's own fields and types: an edited record must
+not break a view that reads it (a field added to StageRecord is checked too)."""
+
+
+def _validated(data: Any) -> tuple[StageRecord | None, str | None]:
+    """(the record, None), or (None, what in its JSON StageRecord cannot hold: a missing,
+    unknown or wrong-typed field)."""
+    try:
+        record = _RECORD.validate_python(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        return None, f"field {where!r}: {error['msg']}" if where else error["msg"]
+    if any(not isinstance(h.get("where"), str | None) for h in record.history):
+        return None, "field 'history': an attempt's 'where' is not a string"
+    return record, None
 
 
 def write_record(trial_dir: Path, record: StageRecord) -> None:

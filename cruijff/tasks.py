@@ -60,7 +60,14 @@ class TaskModule:
         build = load_function(self.folder / "data.py", f"_cruijff_task_{self.name}_data", "build")
         try:
             build(dataset, str(data_dir))
+        except SystemExit as exc:  # user code must not end cruijff, silently or not
+            _remove_partial(target)
+            raise CruijffError(
+                f"task '{self.name}': build({dataset!r}, ...) called sys.exit({exc.code!r}): "
+                "build() must write the dataset and return (raise an exception to fail)"
+            ) from None
         except Exception as exc:  # user code: any failure is reported, with its type
+            _remove_partial(target)
             raise CruijffError(
                 f"task '{self.name}': build({dataset!r}, ...) failed: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -70,6 +77,13 @@ class TaskModule:
                 f"task '{self.name}': build({dataset!r}, ...) did not write {target}"
             )
         return target
+
+
+def _remove_partial(target: Path) -> None:
+    """A dataset file a failed build() left (it did not exist before): half-written, so a
+    later build must not take it as the dataset."""
+    if target.is_file() and not target.is_symlink():
+        target.unlink(missing_ok=True)
 
 
 REQUIRED = object()
@@ -86,6 +100,11 @@ def _parse(path: Path, task: str) -> ast.Module:
         return ast.parse(source, filename=str(path))
     except SyntaxError as exc:
         raise CruijffError(f"task '{task}': {path} line {exc.lineno}: {exc.msg}") from None
+    except (MemoryError, RecursionError) as exc:  # the parser gives up on deep nesting
+        raise CruijffError(
+            f"task '{task}': {path.name} is nested too deeply to read ({path}: "
+            f"{type(exc).__name__}): split its deepest expression into smaller ones"
+        ) from None
 
 
 def _is_task_decorator(node: ast.expr) -> bool:
@@ -173,6 +192,10 @@ def load_function(path: Path, module_name: str, attr: str) -> Any:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:  # user code must not end cruijff when imported
+        sys.modules.pop(module_name, None)
+        raise CruijffError(f"importing {path} called sys.exit({exc.code!r}): a task file must "
+                           "only define functions when imported, not exit") from None
     except Exception as exc:  # user code
         sys.modules.pop(module_name, None)
         raise CruijffError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
