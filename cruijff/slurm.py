@@ -18,7 +18,13 @@ from pathlib import Path
 
 from cruijff import __version__
 from cruijff.errors import CruijffError
-from cruijff.settings import SLURM_KEY, SLURM_TIME, SLURM_WORD, ResourceProfile
+from cruijff.settings import (
+    SLURM_KEY,
+    SLURM_TIME,
+    SLURM_WORD,
+    ResourceProfile,
+    refuse_unsafe_key,
+)
 
 SAFE_PATH = re.compile(r"^[A-Za-z0-9_./%@+,=:-]+$")
 
@@ -47,6 +53,10 @@ def sbatch_options(resources: ResourceProfile) -> list[str]:
     for key in sorted(resources.model_extra or {}):
         if not SLURM_KEY.fullmatch(key):
             raise CruijffError(f"resource key {key!r} is not a valid Slurm option name")
+        try:
+            refuse_unsafe_key(key)  # again: a profile may have been built around validation
+        except ValueError as exc:
+            raise CruijffError(str(exc)) from None
         value = values.get(key)
         flag = f"--{key.replace('_', '-')}"
         if value is True:

@@ -303,3 +303,80 @@ def test_a_final_newline_in_a_slurm_value_is_refused(cli, project, field):
                  "--dataset", "d.json", "--name", "exp", cwd=project.experiments)
     assert result.code == 2, result.out
     assert field in result.err and not (project.experiments / "exp").exists()
+
+
+# Resource keys: only an allow-list of Slurm requests passes through to sbatch
+
+UNSAFE_RESOURCES = [
+    # (key, value): each would set a job's environment, files, folder, command or identity
+    ("export", "ALL,PYTHONPATH=/tmp/x"),  # every Python of the job imports /tmp/x/sitecustomize
+    ("output", "/tmp/x.out"),  # a second --output: the job's log outside the experiment
+    ("error", "/tmp/x.err"),
+    ("chdir", "/"),
+    ("wrap", "id"),
+    ("job_name", "other"),
+    ("export_file", "/tmp/env"),
+    ("uid", 0),
+    ("get_user_env", True),
+    ("mail_user", "someone@example.org"),  # decided: no mail to any address from a config
+    ("mail_type", "END"),
+    ("container", "/tmp/image"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), UNSAFE_RESOURCES, ids=[k for k, _ in UNSAFE_RESOURCES])
+def test_a_resource_key_outside_the_allow_list_is_refused_at_build(cli, project, key, value):
+    """Before, any key passed through as `--key=value` if its value had no odd character."""
+    project.config.write_text(project.config.read_text() + f"    {key}: {json.dumps(value)}\n")
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--name", "exp", cwd=project.experiments)
+    assert result.code == 2, (result.out, result.err)
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert f"resource key '{key}'" in lines[0] and "remove it" in lines[0], lines[0]
+    assert "Traceback" not in result.err + result.out
+    assert [p.name for p in project.experiments.iterdir()] == []
+
+
+def test_the_refusal_says_which_keys_pass_through(cli, project):
+    project.config.write_text(project.config.read_text() + "    export: NONE\n")
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--name", "exp", cwd=project.experiments)
+    assert result.code == 2
+    assert "these pass through: " in result.err and "qos" in result.err
+
+
+def test_a_resource_key_edited_into_a_trial_config_is_refused_by_a_slurm_run(cli, project):
+    """The trial config's resources make the worker jobs: they are checked again there."""
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--name", "exp", cwd=project.experiments)
+    assert result.code == 0, result.err
+    config = project.experiments / "exp" / "trial-a" / "config.yaml"
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    data["resources"]["export"] = "ALL,PYTHONPATH=/tmp/x"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    result = cli("run", "--executor", "slurm", "--dry-run", project.experiments / "exp",
+                 cwd=project.experiments)
+    assert result.code == 2, (result.out, result.err)
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "trial-a/config.yaml: resources: resource key 'export'" in lines[0]
+    assert "PYTHONPATH" not in result.out
+
+
+def test_allowed_resource_keys_reach_the_scripts_and_the_worker_jobs(cli, project):
+    project.config.write_text(project.config.read_text() + "    qos: high\n"
+                              "    constraint: a100\n")
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--name", "exp", cwd=project.experiments)
+    assert result.code == 0, result.err
+    experiment = project.experiments / "exp"
+    scripts = sorted(experiment.glob("trial-*/*.slurm"))
+    assert scripts
+    for script in scripts:
+        lines = script.read_text(encoding="utf-8").splitlines()
+        assert "#SBATCH --qos=high" in lines and "#SBATCH --constraint=a100" in lines
+    result = cli("run", "--executor", "slurm", "--dry-run", experiment, cwd=project.experiments)
+    assert result.code == 0, result.err
+    directives = [line.strip() for line in result.out.splitlines()
+                  if line.strip().startswith("#SBATCH")]
+    assert "#SBATCH --qos=high" in directives and "#SBATCH --constraint=a100" in directives
