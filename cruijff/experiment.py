@@ -13,6 +13,7 @@ folder, so it never archives an experiment from under a `cruijff run`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -100,7 +101,7 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
     name = validate_experiment_name(
         request.name or f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}"
     )
-    root = request.root.resolve()
+    root = _experiment_root(request.root, probe=not dry_run)
     dest = root / name
     if dry_run:
         return _render(request, config, task, plan, dest)[0]
@@ -115,6 +116,7 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
                 pass
         for dataset in dict.fromkeys(t.dataset for t in plan.trials):
             task.build_dataset(dataset, config.data_dir)
+        _check_data(plan.trials, config)
         for model in dict.fromkeys(t.model for t in plan.trials):
             ensure_model(model, config.model_dir, settings)
         built, files = _render(request, config, task, plan, dest)
@@ -124,6 +126,37 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
         built.archived = _write(root, dest, files, folders, force)
         _copy_root_config(request.config_path.resolve(), root)
     return built
+
+
+def _experiment_root(given: Path, *, probe: bool) -> Path:
+    """--root, resolved: a folder, or a path where one can be made. `probe`: make and remove
+    a folder in it (or in its nearest existing parent) to be sure, so that a root on a file
+    system that holds no folders (/proc) is refused before anything is prepared."""
+    root = given.resolve()
+    base = next(p for p in (root, *root.parents) if p.exists())
+    if not base.is_dir():
+        raise CruijffError(f"--root {given}: {base} is not a folder: choose a folder for the "
+                           "experiment (one that does not exist yet is made)")
+    if probe:
+        try:
+            Path(tempfile.mkdtemp(prefix=".cruijff-root-check-", dir=base)).rmdir()
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                 errno.EDQUOT):  # those: the build's own write says so
+                raise CruijffError(f"--root {given}: cannot make a folder in {base} "
+                                   f"({exc.strerror}): choose a folder on an ordinary file "
+                                   "system") from None
+    return root
+
+
+def _check_data(trials: list[TrialSpec], config: ExperimentConfig) -> None:
+    """Each stage a trial runs checks the dataset file it reads itself (the fine-tune: its
+    'train' records), so a file it could not read is refused now, not by a failing run."""
+    stages = pipeline_stages(config.pipeline)
+    for trial in sorted(trials, key=lambda t: t.dataset):
+        for stage in stages:
+            if stage.enabled(trial):
+                stage.check_data(trial, config.data_dir / trial.dataset)
 
 
 def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, plan: Plan,
@@ -167,13 +200,19 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
     commands = {}
     for stage in enabled:
         resolved = stage.resolve(ctx)
-        commands[stage.name] = resolved.command
+        command = stage.command(trial_dir, resolved.data, trial.model)
+        if resolved.command != command:  # a run derives it again: never two commands
+            raise CruijffError(
+                f"stage {stage.name}: resolve() gives the command {resolved.command} but "
+                f"command() derives {command} from the same config: a stage's command must "
+                "come from its command() (cruijff derives it again when it runs the stage)")
+        commands[stage.name] = command  # documentation: a run never reads it back
         stem = file_stem(stage.name)
         files[f"{folder}/{stem}.yaml"] = dump_yaml(resolved.data)
         files[f"{folder}/{stem}.slurm"] = render_script(
             job_name=f"cruijff-{name}-{trial.id}-{stage.name}",
             resources=resources,
-            command=resolved.command,
+            command=command,
             workdir=trial_dir,
             log_file=trial_dir / "logs" / f"{stem}-%j.out",
             description=f"experiment {name}, trial {trial.id} ({trial.label}), stage {stage.name}",

@@ -38,6 +38,7 @@ from cruijff.runner import (
     pending,
     run_lock,
     select,
+    stage_command,
     stage_key,
     stop_on_signals,
     unfinished_trials,
@@ -93,6 +94,9 @@ class RunPlan:
         if not selection and not note:
             raise CruijffError(f"nothing selected: no trial of {experiment.name} has stage "
                                f"{stage!r}")
+        for trial, names in selection:  # before anything runs, or --force moves anything
+            for name in names:
+                stage_command(trial, name)
         executor = executor or settings.executor
         cores = os.cpu_count() or 1
         workers = min(workers or settings.workers or cores, max(1, len(selection)))
@@ -165,18 +169,37 @@ class Sharing:
             self.ended[(stage, key)].set()
 
 
+UNSTARTED_RESUBMITS = 5
+"""How often a stage lost before it started (its worker died while it waited there) is
+submitted again without counting as an attempt."""
+
+
 def run_with_retries(trial: Trial, stage: str, key: str, submit: Submit, retries: int,
                      stop: threading.Event = STOP) -> bool:
     """Submit the stage, and again after a failure, up to `retries` times; True once done.
     The retry loop lives here, not in Prefect's task engine, because that engine runs on the
-    worker: when a worker is lost (a cancelled or timed-out Slurm job) its retries go too."""
-    for attempt in range(1, retries + 2):
-        done = submit(trial, stage, key, attempt)
+    worker: when a worker is lost (a cancelled or timed-out Slurm job) its retries go too.
+    Only an attempt that started counts: a stage that was waiting on a worker lost to another
+    stage's fault (Dask queues a task on a busy worker) is submitted again for free."""
+    attempt = unstarted = 0
+    while attempt <= retries:
+        before = _run_id(trial, stage)
+        done = submit(trial, stage, key, attempt + 1)
         if stop.is_set():
             return False
         if done:
             return True
+        if _run_id(trial, stage) == before and unstarted < UNSTARTED_RESUBMITS:
+            unstarted += 1
+            continue
+        attempt += 1
     return False
+
+
+def _run_id(trial: Trial, stage: str) -> str | None:
+    """The stage's latest execution (each writes a record with a new run id as it starts)."""
+    record = read_record(trial.dir, stage)
+    return None if record is None else record.run_id
 
 
 def run_trial(experiment: Experiment, trial: Trial, stages: list[str], submit: Submit, *,

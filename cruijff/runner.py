@@ -28,7 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cruijff.containment import check_contained
+from cruijff.containment import check_contained, check_output_paths
 from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
 from cruijff.fileio import load_yaml_mapping, lock_within
@@ -47,6 +47,7 @@ from cruijff.state import (
     output_fingerprint,
     read_record,
     record_path,
+    record_problem,
     where_now,
     write_record,
 )
@@ -59,7 +60,6 @@ class Trial:
     id: str
     dir: Path
     stages: list[str]
-    commands: dict[str, list[str]]
     model: str
     dataset: str
     label: str
@@ -117,7 +117,7 @@ def load_experiment(path: Path) -> Experiment:
         trial = load_yaml_mapping(folder / "config.yaml", f"trial {entry['id']} config")
         trials.append(Trial(
             id=entry["id"], dir=folder, stages=list(trial["stages"]),
-            commands=trial["commands"], model=trial["model"], dataset=trial["dataset"],
+            model=trial["model"], dataset=trial["dataset"],
             label=trial["label"], control=trial.get("control"),
             model_path=Path(trial["model_path"]), data_path=Path(trial["data_path"]),
         ))
@@ -131,6 +131,28 @@ def load_experiment(path: Path) -> Experiment:
             while len(_LOADED) > LOADED_KEPT:
                 _LOADED.pop(next(iter(_LOADED)))
     return experiment
+
+
+def stage_command(trial: Trial, stage: str) -> list[str]:
+    """The command that runs a stage of a trial, derived from the stage and its config on
+    disk (never read back from the experiment's files). CruijffError (one line naming the
+    file, key and path) if a path the config names as an output leads outside the trial
+    folder: an edited `<stage>.yaml` must not make a run write (or `--force` move files)
+    elsewhere."""
+    spec = STAGES[stage]
+    path = spec.config_path(trial.dir)
+    config = load_yaml_mapping(path, f"{stage} config")
+    try:
+        outputs = spec.output_paths(trial.dir, config)
+        command = spec.command(trial.dir, config, trial.model)
+    except CruijffError as exc:
+        raise CruijffError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise CruijffError(f"{path} is not a {stage} config cruijff can run "
+                           f"({type(exc).__name__}: {exc}): rebuild the experiment with "
+                           "`cruijff build --force`") from None
+    check_output_paths(trial.dir.parent, trial.dir, path, outputs)
+    return command
 
 
 def select(experiment: Experiment, trials: str | None = None,
@@ -209,7 +231,7 @@ class StageState:
     failed, running, interrupted, pending, blocked (an earlier stage failed)."""
     record: StageRecord | None
     detail: str | None = None
-    """What is damaged."""
+    """What is damaged (or, for a stage without a record, why its record is unreadable)."""
 
     @property
     def is_done(self) -> bool:
@@ -228,6 +250,7 @@ def trial_states(trial: Trial, stages: list[str], *, held: bool) -> dict[str, St
         detail = None
         if record is None:
             state = "blocked" if blocked else "pending"
+            detail = record_problem(trial.dir, stage)  # None, or why its record is unreadable
         elif record.status == "running" and not held:
             state = "interrupted"  # no run holds the experiment: nothing is running it
         elif record.is_done and (rerun or record.key != stage_key(trial, stage)):
@@ -329,7 +352,10 @@ def stop_on_signals() -> Iterator[None]:
 
 def execute_stage(trial: Trial, stage: str, key: str, *,
                   threads: int | None = None) -> StageRecord:
-    """Run one stage's command, verify its outputs, and record the outcome atomically."""
+    """Run one stage's command, verify its outputs, and record the outcome atomically. The
+    command is derived from the stage and its config (never read from the experiment's
+    files), once that config is checked to write only into the trial."""
+    command = stage_command(trial, stage)
     previous = read_record(trial.dir, stage)
     retry = previous is not None and previous.key == key
     attempts = previous.attempts + 1 if retry else 1
@@ -348,7 +374,7 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
     with log.open("w", encoding="utf-8") as out:
         # Its own process group: a Ctrl-C reaches only cruijff, which then stops the stage
         # (and everything the stage started) itself, and records why.
-        proc = subprocess.Popen(trial.commands[stage], cwd=trial.dir, stdout=out,
+        proc = subprocess.Popen(command, cwd=trial.dir, stdout=out,
                                 stderr=subprocess.STDOUT, env=env, process_group=0,
                                 preexec_fn=_die_with_parent)
         with _stages_lock:

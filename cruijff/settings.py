@@ -6,6 +6,8 @@ CI job can override any field without editing YAML (`CRUIJFF_ORCHESTRATION__EXEC
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -23,7 +25,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_yaml_mapping
@@ -34,9 +41,24 @@ SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,:+@/%=-]+$")
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 SLURM_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 PROFILE_NAME = re.compile(r"^(default|[A-Za-z0-9][A-Za-z0-9_.-]*__[A-Za-z0-9_.-]+)$")
+PASS_THROUGH = frozenset({
+    "begin", "comment", "constraint", "contiguous", "cores_per_socket", "cpus_per_gpu",
+    "distribution", "exclude", "exclusive", "gpus", "gpus_per_node", "gpus_per_socket",
+    "gpus_per_task", "hint", "licenses", "mem_per_cpu", "mem_per_gpu", "mincpus", "nice",
+    "no_requeue", "nodelist", "ntasks", "ntasks_per_gpu", "qos", "requeue", "reservation",
+    "sockets_per_node", "switches", "threads_per_core", "time_min", "tmp", "wckey",
+})
+"""Resource keys besides the fields that pass through to sbatch as `--key=value`: requests
+for where and on what a job runs, nothing else. Options that set a job's environment, files,
+working folder, command, identity or mail (export, output, chdir, wrap, uid, mail_user, ...)
+are refused: a config value must not decide what a job runs or where its output goes."""
+SET_BY_CRUIJFF = frozenset({"job_name", "output", "error", "chdir", "wrap", "open_mode"})
+"""sbatch options cruijff sets itself (a job's name, log, folder and command)."""
 
 
 def _slurm_word(value: Any, what: str) -> str:
+    if isinstance(value, float) and not math.isfinite(value):  # YAML .nan reads as a float
+        raise ValueError(f"{what} {value} is not a finite number")
     text = str(value)
     if not SLURM_WORD.fullmatch(text):
         raise ValueError(
@@ -45,8 +67,21 @@ def _slurm_word(value: Any, what: str) -> str:
     return text
 
 
+def refuse_unsafe_key(key: str) -> None:
+    """ValueError for a resource key that is neither a field nor in PASS_THROUGH."""
+    if key in SET_BY_CRUIJFF:
+        raise ValueError(f"resource key {key!r} is set by cruijff itself (a job's name, log, "
+                         "folder and command are cruijff's): remove it")
+    if key not in PASS_THROUGH:
+        raise ValueError(
+            f"resource key {key!r} is not one cruijff passes to sbatch (nothing that sets a "
+            "job's environment, files, folder, command, identity or mail): remove it; "
+            f"besides the known keys these pass through: {', '.join(sorted(PASS_THROUGH))}")
+
+
 class ResourceProfile(BaseModel):
-    """Slurm requests for one model (merged over `default`); unknown keys pass through."""
+    """Slurm requests for one model (merged over `default`); the keys in PASS_THROUGH pass
+    through to sbatch, any other key is refused."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -86,6 +121,7 @@ class ResourceProfile(BaseModel):
         for key, value in (self.model_extra or {}).items():
             if not SLURM_KEY.fullmatch(key):
                 raise ValueError(f"resource key {key!r} must be lowercase letters, digits and _")
+            refuse_unsafe_key(key)
             if not isinstance(value, bool) and value is not None:
                 if not isinstance(value, int | float | str):
                     raise ValueError(f"resource {key} must be a single value, not {value!r}")
@@ -116,9 +152,22 @@ class OrchestrationConfig(BaseModel):
         3, description="slurm: retries of a failed sbatch (waits 2, 4, 8 ... s between tries)"
     )
     submit_timeout_s: PositiveFloat = Field(
-        60, description="slurm: give up submitting a worker job (and stop the run with one "
-        "line) this many seconds after its first sbatch try"
+        60, allow_inf_nan=False, description="slurm: give up submitting a worker job (and "
+        "stop the run with one line) this many seconds after its first sbatch try"
     )
+    interface: str | None = Field(
+        None, description="slurm: the network interface (e.g. ib0) the run's Dask scheduler "
+        "and workers use: one compute nodes reach the login node on (default: the host's)"
+    )
+    host: str | None = Field(
+        None, description="slurm: the address the run's Dask scheduler listens on, instead "
+        "of an interface"
+    )
+
+    @field_validator("interface", "host", mode="before")
+    @classmethod
+    def _network_word(cls, v: Any, info: Any) -> Any:
+        return None if v is None else _slurm_word(v, info.field_name)
 
 
 class ExperimentConfig(BaseSettings):
@@ -137,6 +186,10 @@ class ExperimentConfig(BaseSettings):
     use_fine_tune: bool = True
     use_prompt_opt: bool = False
     run_control_trials: bool = True
+    max_trials: PositiveInt = Field(
+        10_000, description="build refuses a design of more trials than this (counted before "
+        "expanding, so a runaway grid fails at once); raise it for a bigger experiment",
+    )
     finetune_config: Path | None = Field(
         None,
         validation_alias=AliasChoices("finetune_config", "torchtune_config"),
@@ -188,6 +241,8 @@ class ExperimentConfig(BaseSettings):
             config = cls(**data)
         except ValidationError as exc:
             raise CruijffError(f"{path}: {describe_validation_error(exc, cls)}") from None
+        except SettingsError as exc:
+            raise environment_error(exc) from None
         return config.resolved_against(path.parent)
 
     def resolved_against(self, folder: Path) -> ExperimentConfig:
@@ -236,6 +291,32 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> s
         return f"unknown key '{loc}'{did_you_mean(key, _field_names(owner))}{more}"
     msg = first["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}{more}"
+
+
+def environment_error(exc: SettingsError) -> CruijffError:
+    """A CRUIJFF_* variable pydantic-settings could not parse (a list or mapping field takes
+    JSON there): one line naming the variable and the fix."""
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match.group(1) if match else ""
+    prefix = f"CRUIJFF_{field}".upper()
+    names = sorted(k for k in os.environ
+                   if k.upper() == prefix or k.upper().startswith(f"{prefix}__"))
+    bad = [k for k in names if not _is_json(os.environ[k])] or names
+    cause = exc.__cause__
+    why = f" ({cause.msg} at column {cause.colno})" if isinstance(
+        cause, json.JSONDecodeError) else ""
+    name = f"environment variable {bad[0]}" if bad else "a CRUIJFF_* environment variable"
+    shown = f" `{field}`" if field else ""
+    return CruijffError(f"{name} is not valid JSON{why}: it sets{shown}, which takes a JSON "
+                        "object or list there; fix it, or unset it to use config.yaml")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 class CruijffSettings(BaseSettings):

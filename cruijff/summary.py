@@ -70,7 +70,7 @@ def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) 
         for stage, status in states[trial.id].items():
             record = status.record
             if record is None:
-                statuses[stage] = StageStatus(status.state)
+                statuses[stage] = StageStatus(status.state, error=status.detail)
                 continue
             statuses[stage] = StageStatus(
                 state=status.state, attempts=record.attempts, duration_s=record.duration_s,

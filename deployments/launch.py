@@ -32,12 +32,12 @@ class Launch:
     def run(self) -> bool:
         """Run it here, or wait for the triggered flow run; True if every selected stage
         succeeded. A lost Prefect server is one CruijffError naming how to resume."""
-        without_cruijff_errors()
+        if self.flow_run is None:
+            from cruijff.flows.experiment import run_experiment  # Dask: only when run here
+        without_cruijff_errors()  # after the imports: they set up Prefect's logging
         try:
             if self.flow_run is not None:
                 return wait_for(self.flow_run)
-            from cruijff.flows.experiment import run_experiment
-
             return run_experiment(**self.plan.parameters())
         except Exception as exc:
             if not server_lost(exc):

@@ -7,6 +7,13 @@ profile; each group gets its own cluster of worker jobs, scaled adaptively up to
 Worker jobs are submitted with bounded retries (`orchestration.submit_retries` within
 `submit_timeout_s`): dask-jobqueue itself only logs a failed sbatch, and the run would wait
 forever for a worker that never comes. A submission that gives up stops the run instead.
+
+Nothing listens beyond this machine that need not: a local cluster's workers are threads
+talking in-process, its HTTP endpoints (status pages, metrics) bind 127.0.0.1. A Slurm run's
+scheduler must be reached from compute nodes, so its traffic is TLS with certificates made
+for the run (only its worker jobs hold them: a client without them cannot connect, let alone
+run code there), on the interface or host `orchestration.interface`/`host` names; HTTP
+endpoints bind 127.0.0.1 there too.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,8 @@ from typing import Any
 import dask
 from distributed import LocalCluster
 from distributed.deploy.cluster import Cluster
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.security import Security
 
 from cruijff.runner import Experiment, Trial
 from cruijff.settings import OrchestrationConfig, ResourceProfile
@@ -38,18 +49,44 @@ from cruijff.slurm import SlurmSubmitError, sbatch_options, worker_job_name
 # A worker lost mid-stage fails the stage at once; the trial subflow's retries (one mechanism,
 # one budget: orchestration.retries) then run it again on a new worker.
 DASK_CONFIG = {"distributed.scheduler.allowed-failures": 0, "distributed.admin.tick.limit": "1h"}
-# Every worker holds one unit of this resource and every stage task needs it: the scheduler
-# then never queues a second stage on a busy worker, so a lost worker (a cancelled Slurm job)
-# takes down only the stage it was running, not another trial's stage waiting behind it.
+# Every worker holds one unit of this resource and every stage task needs it (flows/experiment
+# submits each with it), so a worker runs one stage at a time. The scheduler checks only that a
+# worker has the resource, not that it is free: a stage may wait on a busy worker and be lost
+# with it (a cancelled job); cruijff.pipeline.run_with_retries submits such a stage again
+# without counting an attempt, and KeepBusyWorkers keeps adaptive scaling off busy workers.
 STAGE_SLOT = "cruijff_stage"
 SET_BY_JOBQUEUE = ("--mem=", "--time=", "--job-name=")
+LOOPBACK_HTTP = "127.0.0.1:0"
+"""Where every scheduler's and worker's HTTP endpoints listen: this host only, any port."""
+
+
+class KeepBusyWorkers(SchedulerPlugin):
+    """Adaptive scaling may close only workers that run no stage. Left to itself, the
+    scheduler picks workers to close by memory when its (short) estimate of the work says
+    fewer are needed, busy ones included; closing one cancels its Slurm job and fails the
+    stage running there, another trial's."""
+
+    name = "cruijff-keep-busy-workers"
+
+    def valid_workers_downscaling(self, scheduler: Any, workers: list) -> list:
+        return [ws for ws in workers if not ws.processing]
 
 
 def profile_of(trial: Trial) -> ResourceProfile:
-    from cruijff.fileio import load_yaml_mapping
+    from pydantic import ValidationError
 
-    data = load_yaml_mapping(trial.dir / "config.yaml", f"trial {trial.id} config")
-    return ResourceProfile(**data.get("resources", {}))
+    from cruijff.errors import CruijffError
+    from cruijff.fileio import load_yaml_mapping
+    from cruijff.settings import describe_validation_error
+
+    config = trial.dir / "config.yaml"
+    data = load_yaml_mapping(config, f"trial {trial.id} config")
+    try:  # an edited trial config gets the checks the experiment config got at build
+        return ResourceProfile(**data.get("resources", {}))
+    except (ValidationError, TypeError) as exc:
+        why = (describe_validation_error(exc, ResourceProfile).removeprefix(": ")
+               if isinstance(exc, ValidationError) else "must be a mapping")
+        raise CruijffError(f"{config}: resources: {why}") from None
 
 
 def group_by_profile(trials: list[Trial]) -> dict[str, tuple[ResourceProfile, list[Trial]]]:
@@ -202,9 +239,28 @@ def wait_for_stage(future: Any, experiment: str, poll_s: float = 1.0,
     future.wait()  # returns at once: records the task's final state on the Prefect future
 
 
+def run_security(folder: Path) -> Security:
+    """TLS for one run: a certificate authority and a certificate made for it (dask's
+    Security.temporary), written to files only the user may read, for worker jobs on other
+    nodes to read (dask-jobqueue would otherwise leave its own copies behind)."""
+    made = Security.temporary()
+    written: dict[str, str] = {}
+    for field, name in (("tls_ca_file", "ca.pem"), ("tls_worker_cert", "cert.pem"),
+                        ("tls_worker_key", "key.pem")):
+        path = folder / name
+        path.touch(mode=0o600)
+        path.write_text(getattr(made, field), encoding="utf-8")
+        written[field] = str(path)
+    return Security(
+        tls_ca_file=written["tls_ca_file"], require_encryption=True,
+        **{f"tls_{role}_{part}": written[f"tls_worker_{part}"]
+           for role in ("scheduler", "worker", "client") for part in ("cert", "key")})
+
+
 def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile,
-                  submitter: Submitter | None = None) -> Cluster:
-    """A SLURMCluster whose worker jobs request exactly the profile (validated, quoted)."""
+                  submitter: Submitter | None = None, *, tls_dir: Path) -> Cluster:
+    """A SLURMCluster whose worker jobs request exactly the profile (validated, quoted); its
+    traffic TLS with certificates made for it in `tls_dir` (a folder only the user reads)."""
     from dask_jobqueue import SLURMCluster
 
     values = profile.model_dump(exclude_none=True)
@@ -212,8 +268,12 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile,
     directives = [o for o in sbatch_options(profile) if not o.startswith(SET_BY_JOBQUEUE)]
     log_dir = slurm_log_dir(experiment)
     log_dir.mkdir(parents=True, exist_ok=True)
+    network = experiment.orchestration
+    scheduler_options: dict[str, Any] = {"dashboard": False, "dashboard_address": LOOPBACK_HTTP}
+    if network.host:
+        scheduler_options["host"] = network.host
     with dask.config.set(DASK_CONFIG):
-        return SLURMCluster(
+        cluster = SLURMCluster(
             job_cls=retrying_job_class(),
             submitter=submitter,
             job_name=worker_job_name(experiment.name, name),
@@ -224,20 +284,32 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile,
             job_extra_directives=directives,
             job_directives_skip=["--cpus-per-task"] if "cpus_per_task" in values else [],
             job_script_prologue=[f"export OMP_NUM_THREADS={cpus}"],
-            worker_extra_args=["--resources", f"{STAGE_SLOT}=1"],
+            worker_extra_args=["--resources", f"{STAGE_SLOT}=1", "--no-dashboard",
+                               "--dashboard-address", LOOPBACK_HTTP],
             log_directory=str(log_dir),
             python=sys.executable,
             silence_logs="error",
-            scheduler_options={"dashboard_address": ":0"},
+            security=run_security(tls_dir),
+            interface=network.interface,
+            scheduler_options=scheduler_options,
         )
+    cluster.scheduler.add_plugin(KeepBusyWorkers())
+    return cluster
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How a run's client reaches one cluster's scheduler."""
+
+    address: str
+    security: Security | None = None
 
 
 @contextmanager
 def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, workers: int,
-             max_jobs: int) -> Iterator[dict[str, str]]:
-    """Start the clusters of a run; yields trial id -> scheduler address."""
-    with ExitStack() as stack, dask.config.set(DASK_CONFIG), \
-            dask.annotate(resources={STAGE_SLOT: 1}):
+             max_jobs: int) -> Iterator[dict[str, Endpoint]]:
+    """Start the clusters of a run; yields trial id -> its cluster's scheduler endpoint."""
+    with ExitStack() as stack, dask.config.set(DASK_CONFIG):
         if executor == "local":
             # Workers are threads of this process: a stage is a subprocess anyway, and threads
             # start in milliseconds where worker processes take seconds to import Prefect.
@@ -248,8 +320,10 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
             worker_log.setLevel(logging.CRITICAL)
             cluster = stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=False,
-                resources={STAGE_SLOT: 1}, dashboard_address=":0", silence_logs=logging.ERROR))
-            yield {trial.id: cluster.scheduler_address for trial in trials}
+                resources={STAGE_SLOT: 1}, dashboard_address=LOOPBACK_HTTP,
+                worker_dashboard_address=LOOPBACK_HTTP, silence_logs=logging.ERROR))
+            yield dict.fromkeys((trial.id for trial in trials),
+                                Endpoint(cluster.scheduler_address))
             return
         if shutil.which("sbatch") is None:
             raise SlurmSubmitError(NO_SBATCH)
@@ -261,11 +335,15 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
         with _SUBMITTERS_LOCK:
             _SUBMITTERS[key] = submitter
         stack.callback(_forget, key, submitter)
+        tls_dir = Path(tempfile.mkdtemp(prefix=".tls-", dir=log_dir))  # mode 0700
+        stack.callback(shutil.rmtree, tls_dir, True)
         addresses = {}
         for name, (profile, members) in group_by_profile(trials).items():
-            cluster = stack.enter_context(slurm_cluster(experiment, name, profile, submitter))
+            cluster = stack.enter_context(slurm_cluster(experiment, name, profile, submitter,
+                                                        tls_dir=tls_dir))
             cluster.adapt(minimum=0, maximum=min(max_jobs, len(members)))
-            addresses.update({trial.id: cluster.scheduler_address for trial in members})
+            endpoint = Endpoint(cluster.scheduler_address, cluster.security)
+            addresses.update(dict.fromkeys((trial.id for trial in members), endpoint))
         yield addresses
         if submitter.failure is not None:  # trials stopped on it: the run fails with it
             raise SlurmSubmitError(submitter.failure)
@@ -278,10 +356,14 @@ def _forget(key: str, submitter: Submitter) -> None:
 
 
 def job_scripts(experiment: Experiment, trials: list[Trial]) -> dict[str, str]:
-    """What each profile's worker jobs would be submitted as (nothing is submitted)."""
+    """What each profile's worker jobs would be submitted as (nothing is submitted; the
+    certificates they name are made for the look and removed)."""
+    log_dir = slurm_log_dir(experiment)
+    log_dir.mkdir(parents=True, exist_ok=True)
     scripts = {}
-    for name, (profile, members) in group_by_profile(trials).items():
-        with slurm_cluster(experiment, name, profile) as cluster:
-            ids = ",".join(t.id for t in members)
-            scripts[f"{name} (trials {ids})"] = cluster.job_script()
+    with tempfile.TemporaryDirectory(prefix=".tls-", dir=log_dir) as tls:
+        for name, (profile, members) in group_by_profile(trials).items():
+            with slurm_cluster(experiment, name, profile, tls_dir=Path(tls)) as cluster:
+                ids = ",".join(t.id for t in members)
+                scripts[f"{name} (trials {ids})"] = cluster.job_script()
     return scripts

@@ -11,7 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cruijff.flows.clusters import clusters, wait_for_stage
+import dask
+from cruijff.flows.clusters import STAGE_SLOT, clusters, wait_for_stage
 from prefect import flow, tags, task
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelled, State
@@ -71,11 +72,13 @@ def _submitter(experiment: str, threads: int) -> Any:
     """cruijff.pipeline's seam: an attempt of a stage is a Prefect task on the trial's Dask
     cluster, named and tagged for the UI."""
     def submit(trial: Trial, stage: str, key: str, attempt: int) -> bool:
-        future = run_stage.with_options(
-            task_run_name=f"trial-{trial.id}-{stage}" + (f"-retry{attempt - 1}" if attempt > 1
-                                                         else ""),
-            tags=[f"stage:{stage}"],
-        ).submit(experiment, trial.id, stage, key, threads)
+        # The annotation is read in the thread that submits: here, not around the run.
+        with dask.annotate(resources={STAGE_SLOT: 1}):
+            future = run_stage.with_options(
+                task_run_name=f"trial-{trial.id}-{stage}" + (
+                    f"-retry{attempt - 1}" if attempt > 1 else ""),
+                tags=[f"stage:{stage}"],
+            ).submit(experiment, trial.id, stage, key, threads)
         wait_for_stage(future, experiment, stop=STOP)  # raises if no Slurm job can be submitted
         if STOP.is_set():
             # A local stage was just stopped and records that; a Slurm stage ends with its
@@ -125,14 +128,16 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
                     with tags(f"trial:{trial.id}"):
                         subflow = trial_flow.with_options(
                             flow_run_name=f"{exp.name}/trial-{trial.id}",
-                            task_runner=DaskTaskRunner(address=addresses[trial.id]),
+                            task_runner=DaskTaskRunner(
+                                address=addresses[trial.id].address,
+                                client_kwargs={"security": addresses[trial.id].security}),
                         )
                         return _start_trial(subflow, experiment, trial.id, stages, run_id,
                                             plan.threads, plan.retries)
 
                 # Trials beyond what the workers can run wait here, not as live subflows: 200
                 # subflows at once overwhelm a SQLite-backed Prefect server (HTTP 503).
-                slots = len(set(addresses.values())) * (
+                slots = len({e.address for e in addresses.values()}) * (
                     plan.workers if plan.executor == "local" else exp.orchestration.max_jobs)
                 states = run_concurrently(plan.selection, start, 2 * slots)
         finally:

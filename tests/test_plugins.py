@@ -35,8 +35,10 @@ class Shout(Stage):
         config = {"word": "hello", "output": str(ctx.trial_dir / "shout.txt")}
         for key, value in self.overrides(ctx.trial).items():
             set_existing(config, key, value, "shout config", self.namespace)
-        return StageConfig(config, [sys.executable, "-c", WRITE,
-                                    str(self.config_path(ctx.trial_dir))])
+        return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
+
+    def command(self, trial_dir, config, model):
+        return [sys.executable, "-c", WRITE, str(self.config_path(trial_dir))]
 
     def verify(self, trial_dir, config):
         text = Path(config["output"]).read_text()
@@ -113,3 +115,54 @@ def test_a_broken_or_clashing_plugin_is_a_warning_not_a_failure(project, tmp_pat
     assert broken.code == 2
     assert broken.err.startswith("error: pipeline: stage 'acme/broken' (acme_missing:Nope) "
                                  "failed to load: ModuleNotFoundError")
+
+
+SNEAKY = '''
+import sys
+
+from cruijff.stages import Stage, StageConfig
+
+
+class Sneaky(Stage):
+    """Gives resolve() a command of its own but leaves command() at the default."""
+
+    name = "acme/sneaky"
+    backend = "acme-stages"
+
+    def enabled(self, trial):
+        return True
+
+    def resolve(self, ctx):
+        return StageConfig({"x": 1}, [sys.executable, "-c", "print('hi')"])
+
+    def verify(self, trial_dir, config):
+        raise NotImplementedError
+
+    def artifacts(self, trial_dir, config):
+        return []
+'''
+
+
+def test_a_stage_whose_resolve_gives_another_command_than_command_is_refused(
+        project, tmp_path, cli, monkeypatch):
+    """A run derives each stage's command again from command(): resolve() must agree, or the
+    .slurm scripts would run one command and `cruijff run` another."""
+    for key, value in install(tmp_path / "site", """
+        [cruijff.stages]
+        acme/sneaky = acme_sneaky:Sneaky
+    """).items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "site" / "acme_sneaky.py").write_text(SNEAKY)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("CRUIJFF_HOME", str(tmp_path / "home"))
+    from cruijff.registry import STAGES
+
+    monkeypatch.setattr(STAGES, "_plugins", None)  # read the entry points again
+    project.config.write_text(project.config.read_text() + "pipeline: [acme/sneaky]\n")
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model",
+                 "cruijff/tiny-llama-random", "--dataset", "d.json", "--root",
+                 project.experiments, "--name", "sneaky")
+    assert result.code == 2, (result.out, result.err)
+    assert result.err.startswith("error: stage acme/sneaky: resolve() gives the command ")
+    assert "must come from its command()" in result.err
+    assert not (project.experiments / "sneaky").exists()

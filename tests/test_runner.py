@@ -175,3 +175,45 @@ def test_the_test_doubles_are_refused_in_a_users_pipeline(cli, project, monkeypa
     assert result.code == 2
     assert f"pipeline: stage '{TOUCH}' is a test double of cruijff's own tests" in result.err
     assert not (project.experiments / "x").exists()
+
+
+def test_a_stage_lost_before_it_started_is_submitted_again_without_using_a_retry(make):
+    """Dask may queue a stage on a busy worker; when that worker is lost (its job cancelled
+    for the other stage's sake), the waiting stage never ran: that is not its attempt."""
+    from cruijff.pipeline import Sharing, run_trial
+    from cruijff.runner import execute_stage
+
+    exp = make([TOUCH], [{f"{TOUCH}.index": 1}], retries=0)
+    experiment = load_experiment(exp)
+    trial = experiment.trial("a")
+    calls = []
+
+    def submit(trial, stage, key, attempt):
+        calls.append(attempt)
+        if len(calls) == 1:
+            return False  # lost on the way: the stage did not start
+        return execute_stage(trial, stage, key).is_done
+
+    outcome = run_trial(experiment, trial, [TOUCH], submit,
+                        sharing=Sharing([(trial, [TOUCH])]), retries=0)
+    assert outcome == {TOUCH: "done"} and calls == [1, 1]
+    assert read_record(exp / "trial-a", TOUCH).attempts == 1
+
+
+def test_a_stage_that_started_and_failed_uses_its_retries(make):
+    exp = make([TOUCH], [{f"{TOUCH}.exit_code": 4}], retries=1)
+    experiment = load_experiment(exp)
+    calls = []
+
+    def submit(trial, stage, key, attempt):
+        calls.append(attempt)
+        from cruijff.runner import execute_stage
+
+        return execute_stage(trial, stage, key).is_done
+
+    from cruijff.pipeline import Sharing, run_trial
+
+    trial = experiment.trial("a")
+    assert run_trial(experiment, trial, [TOUCH], submit, sharing=Sharing([(trial, [TOUCH])]),
+                     retries=1) == {TOUCH: "failed"}
+    assert calls == [1, 2]

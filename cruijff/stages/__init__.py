@@ -11,6 +11,7 @@ point in the `cruijff.stages` group).
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,9 @@ class Verified:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """A resolved stage: the config written to `<stage>.yaml` and the command that runs it."""
+    """A resolved stage: the config written to `<stage>.yaml` and the command that runs it
+    (what `Stage.command` derives from that config: a build refuses a stage whose resolve
+    says otherwise)."""
 
     data: dict[str, Any]
     command: list[str]
@@ -108,6 +111,23 @@ class Stage(ABC):
     def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
         """Everything a run of this stage writes (moved to the archive by --force)."""
 
+    def command(self, trial_dir: Path, config: dict[str, Any], model: str) -> list[str]:
+        """The command that runs this stage of a trial (of `model`), derived from its config
+        (as resolved, or as read back from `<stage>.yaml`). The build writes it into the
+        `.slurm` script, and a run derives it again instead of reading it back from the
+        experiment's files: a command is never data. Default: `cruijff exec <stage> <config>`,
+        which calls `execute`."""
+        return [sys.executable, "-m", "cruijff", "exec", self.name,
+                str(self.config_path(trial_dir))]
+
+    def output_paths(self, trial_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
+        """Where a run writes, as its config names it: the config key (dotted) -> the path.
+        A run refuses to start a stage one of which leads outside its trial folder (an edited
+        `<stage>.yaml`). Default: each of `artifacts()`, under the key that holds it."""
+        keys = {value: key for key, value in string_values(config)}
+        return {keys.get(str(path), f"output {i + 1}"): Path(path)
+                for i, path in enumerate(self.artifacts(trial_dir, config))}
+
     def execute(self, config_path: Path) -> int:
         """Run the stage in this process (for stages whose command is `cruijff exec`)."""
         raise CruijffError(f"stage {self.name} is run by its own command, not `cruijff exec`")
@@ -116,12 +136,26 @@ class Stage(ABC):
         """The training loss per step of this trial's run, for stages that train."""
         return []
 
+    def check_data(self, trial: TrialSpec, data_path: Path) -> None:
+        """At build, once the dataset exists: raise CruijffError (naming the file, what is
+        wrong and the fix) if this stage could not read it. Stages that leave reading it to
+        the task's own code (in whatever format its data_ext names) check nothing."""
+        return None
+
     def config_path(self, trial_dir: Path) -> Path:
         return trial_dir / f"{file_stem(self.name)}.yaml"
 
     def overrides(self, trial: TrialSpec) -> dict[str, Any]:
         prefix = f"{self.namespace}."
         return {k[len(prefix):]: v for k, v in trial.settings.items() if k.startswith(prefix)}
+
+
+def string_values(config: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) for every string value in a config, at any depth."""
+    if isinstance(config, dict):
+        return [pair for key, value in config.items()
+                for pair in string_values(value, f"{prefix}{key}.")]
+    return [(prefix.rstrip("."), config)] if isinstance(config, str) else []
 
 
 def _compatible(old: Any, new: Any) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +106,7 @@ class EvalStage(Stage):
                 self._set(config, ctx, str(key), value, f"eval_config {ctx.config.eval_config}")
         for key, value in self.overrides(ctx.trial).items():
             self._set(config, ctx, key, value, "design")
-        command = [sys.executable, "-m", "cruijff", "exec", self.name,
-                   str(self.config_path(ctx.trial_dir))]
-        return StageConfig(config, command)
+        return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
 
     def execute(self, config_path: Path) -> int:
         """`cruijff exec eval eval.yaml`: run the task with eval_set semantics (a re-run

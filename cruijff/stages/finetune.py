@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from cruijff.components import check_components, named_components
 from cruijff.errors import CruijffError
 from cruijff.fileio import load_yaml_mapping
-from cruijff.models import checkpoint_files, torchtune_config_path
+from cruijff.models import checkpoint_files, family_of, torchtune_config_path
 from cruijff.plan import TrialSpec
 from cruijff.stages import (
     Headline,
@@ -23,6 +25,7 @@ from cruijff.stages import (
     Verified,
     set_existing,
     set_path,
+    string_values,
 )
 
 CHECKPOINTS = "checkpoints"
@@ -47,9 +50,56 @@ def dataset_section(data_path: Path) -> dict[str, Any]:
     }
 
 
+SPLITS = ("train", "validation", "test")
+"""The lists a dataset file holds (README: Usage, 1. A task)."""
+
+
+@functools.lru_cache(maxsize=64)
+def dataset_problem(path: Path, stamp: tuple[int, int], field: str,
+                    columns: tuple[str, ...]) -> str | None:
+    """What keeps torchtune from reading `field`'s records of a JSON dataset file (with these
+    columns as strings), or None. Parsed once per file version (`stamp`: size, mtime) and
+    question, however many trials read it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror})"
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return f"not JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
+    except RecursionError:
+        return "nested too deeply to read"
+    except ValueError:  # int(): Python refuses integers of thousands of digits
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    if not isinstance(data, dict):
+        return f"not a JSON object (it is a {type(data).__name__})"
+    for split in (field, *SPLITS):
+        if split in data and not isinstance(data[split], list):
+            return f"'{split}' is not a list (it is a {type(data[split]).__name__})"
+    records = data.get(field)
+    if records is None:
+        return f"no '{field}' list"
+    if not records:
+        return f"the '{field}' list is empty"
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            return f"{field} record {number} is not an object"
+        for column in columns:
+            if not isinstance(record.get(column), str):
+                return f"{field} record {number} has no '{column}' string"
+    return None
+
+
 @functools.lru_cache(maxsize=64)
 def _load_default(path: Path) -> dict[str, Any]:
     return load_yaml_mapping(path, "torchtune config")
+
+
+@functools.lru_cache(maxsize=64)
+def _trusted_components(path: Path) -> frozenset[str]:
+    """The _component_ values the starting config file itself names: trusted like the file."""
+    return named_components(_load_default(path))
 
 
 def tune_executable() -> str:
@@ -67,6 +117,26 @@ def training_losses(log_dir: Path) -> list[float]:
     if not logs:
         return []
     return [float(m.group(1)) for m in LOSS.finditer(logs[-1].read_text(encoding="utf-8"))]
+
+
+OUTPUT_KEYS = ("output_dir", "log_dir")
+"""Names of the torchtune config keys that say where a run writes."""
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+def _interpolated(config: dict[str, Any], key: str, value: str) -> str:
+    """A value with OmegaConf's `${other.key}` references to other values filled in (as
+    torchtune's configs use them: `log_dir: ${output_dir}/logs`)."""
+    values = dict(string_values(config))
+    for _ in range(10):  # references to references, but not round in circles
+        match = REFERENCE.search(value)
+        if match is None:
+            return value
+        if match.group(1) not in values:
+            break
+        value = value[:match.start()] + values[match.group(1)] + value[match.end():]
+    raise CruijffError(f"fine-tune config key {key} is {value!r}: cruijff cannot tell where "
+                       "that points; give a path")
 
 
 def recipe_command(recipe: str, config_file: str) -> list[str]:
@@ -99,10 +169,9 @@ class FinetuneStage(Stage):
 
     def resolve(self, ctx: TrialContext) -> StageConfig:
         if ctx.config.finetune_config is not None:
-            source, default_recipe = ctx.config.finetune_config, None
+            source = ctx.config.finetune_config
         elif ctx.family is not None:
-            default_recipe, name = ctx.family.lora
-            source = torchtune_config_path(name)
+            source = torchtune_config_path(ctx.family.lora[1])
         else:
             raise CruijffError(
                 f"no torchtune config is known for model {ctx.trial.model}: set finetune_config "
@@ -123,8 +192,43 @@ class FinetuneStage(Stage):
         for key, value in self.overrides(ctx.trial).items():
             set_existing(config, key, value, f"fine-tune config ({source.name})",
                          self.namespace)
-        recipe = recipe_for(config, default_recipe)
-        return StageConfig(config, recipe_command(recipe, str(self.config_path(ctx.trial_dir))))
+        # torchtune calls every _component_: only its own, and those the file names, may stay
+        check_components(config, self.namespace, _trusted_components(source))
+        return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
+
+    def command(self, trial_dir: Path, config: dict[str, Any], model: str) -> list[str]:
+        """The recipe the model's family names when it suits the config (LoRA or full),
+        else the single-device one that does: a recipe name from cruijff's own table."""
+        family = family_of(model)
+        recipe = recipe_for(config, family.lora[0] if family else None)
+        return recipe_command(recipe, str(self.config_path(trial_dir)))
+
+    def output_paths(self, trial_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
+        """Every `output_dir` and `log_dir`, at any depth (checkpointer, metric logger,
+        profiler), with torchtune's `${key}` references filled in."""
+        return {key: Path(_interpolated(config, key, value))
+                for key, value in string_values(config)
+                if key.rsplit(".", 1)[-1] in OUTPUT_KEYS}
+
+    def check_data(self, trial: TrialSpec, data_path: Path) -> None:
+        """The records torchtune's instruct_dataset reads, as dataset_section sets it up
+        (`finetune.dataset` is cruijff's alone: no trial changes it)."""
+        dataset = dataset_section(data_path)
+        field = dataset["field"]
+        names = tuple(dataset["column_map"][c] for c in ("input", "output"))
+        try:
+            stat = data_path.stat()
+        except OSError:
+            stamp = (-1, -1)
+        else:
+            stamp = (stat.st_size, stat.st_mtime_ns)
+        problem = dataset_problem(data_path, stamp, field, names)
+        if problem:
+            raise CruijffError(
+                f"dataset {data_path}: {problem}: the fine-tune reads its '{field}' list of "
+                f"records with '{names[0]}' and '{names[1]}' strings (torchtune's "
+                "instruct_dataset); fix the file, or fix the task's data.py build() and delete "
+                "the file so the next build writes it again")
 
     def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
         log_dir = config.get("metric_logger", {}).get("log_dir")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +66,7 @@ class PromptOptStage(Stage):
             OPTIMIZERS[config["optimizer"]]
         except CruijffError as exc:
             raise CruijffError(f"prompt_opt.optimizer: {exc}") from None
-        command = [sys.executable, "-m", "cruijff", "exec", self.name,
-                   str(self.config_path(ctx.trial_dir))]
-        return StageConfig(config, command)
+        return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
 
     def execute(self, config_path: Path) -> int:
         """`cruijff exec prompt_opt prompt_opt.yaml`: score every candidate, keep the best."""
@@ -117,6 +114,10 @@ class PromptOptStage(Stage):
 
     def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
         return [Path(config["log_dir"]), trial_dir / "prompt_opt"]
+
+    def output_paths(self, trial_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
+        """Its Inspect logs, and the eval config it writes the chosen prompt into."""
+        return {key: Path(config[key]) for key in ("log_dir", "eval_config")}
 
     def verify(self, trial_dir: Path, config: dict[str, Any]) -> Verified:
         """A candidate table and a choice exist, and the eval config carries the choice."""

@@ -10,7 +10,6 @@ Registered in cruijff/registry.py as test doubles: offered only where CRUIJFF_TE
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,9 +37,7 @@ class TouchStage(Stage):
                                   "output": str(ctx.trial_dir / self.output)}
         for key, value in self.overrides(ctx.trial).items():
             set_existing(config, key, value, "testing_touch config", self.namespace)
-        command = [sys.executable, "-m", "cruijff", "exec", self.name,
-                   str(self.config_path(ctx.trial_dir))]
-        return StageConfig(config, command)
+        return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
 
     def execute(self, config_path: Path) -> int:
         config = load_yaml_mapping(config_path, "testing_touch config")
@@ -68,6 +65,9 @@ class TouchStage(Stage):
 
     def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
         return [trial_dir / Path(self.output).parent]
+
+    def output_paths(self, trial_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
+        return {"output": Path(config["output"])}
 
 
 class SharedTouchStage(TouchStage):
