@@ -36,6 +36,7 @@ from cruijff.runner import (
     link_shared,
     load_experiment,
     pending,
+    record_interrupted,
     run_lock,
     select,
     stage_command,
@@ -234,11 +235,15 @@ def run_trial(experiment: Experiment, trial: Trial, stages: list[str], submit: S
 @contextmanager
 def hold(plan: RunPlan) -> Iterator[Sharing]:
     """The experiment, held for this run: its run lock, Ctrl-C/SIGTERM as a clean stop, the
-    old outputs of --force's stages archived; yields who runs each shared stage."""
+    old outputs of --force's stages archived; yields who runs each shared stage. Exit it
+    after the run's workers are gone: a stopped run's stages are then recorded interrupted."""
     with run_lock(plan.experiment), stop_on_signals():
         if plan.force:
             archive_stages(plan.experiment, plan.selection)
-        yield Sharing(plan.selection)
+        try:
+            yield Sharing(plan.selection)
+        finally:  # the run's workers are gone: what they left half-recorded is settled here
+            record_interrupted(plan.selection)
 
 
 T = TypeVar("T")

@@ -308,9 +308,15 @@ _stages_running: set[subprocess.Popen] = set()
 _stages_lock = threading.Lock()
 
 
+_stopped_at: list[str] = []
+"""When the current stop was asked for (record timestamps' format), while STOP is set."""
+
+
 def request_stop(reason: str) -> None:
     """Stop the run: refuse new stages, SIGTERM the running ones (their whole process group),
     SIGKILL whichever is still there after STOP_GRACE_S."""
+    if not STOP.is_set():
+        _stopped_at[:] = [now()]
     STOP.set()
     with _stages_lock:
         procs = list(_stages_running)
@@ -503,6 +509,23 @@ def check_writable(experiment: Experiment) -> None:
         raise CruijffError(f"cannot write to {experiment.path}: {exc.strerror}: make it writable "
                            "for you (or copy the experiment somewhere writable) and run again"
                            ) from None
+
+
+def record_interrupted(selection: list[tuple[Trial, list[str]]]) -> None:
+    """After a stopped run's workers are gone: a stage still 'running', or one that failed
+    since the stop (a Slurm job's cancel signals every process of the job, the stage too,
+    and its worker may record that as a failure), was interrupted by the user."""
+    since = _stopped_at[0] if STOP.is_set() and _stopped_at else None
+    if since is None:
+        return
+    for trial, stages in selection:
+        for stage in stages:
+            record = read_record(trial.dir, stage)
+            if record is not None and (record.status == "running" or (
+                    record.status == "failed" and (record.finished or "") >= since)):
+                record.status = "interrupted"
+                record.error = "stopped by the user: `cruijff run` runs it again"
+                write_record(trial.dir, record)
 
 
 def unlocked(experiment: Experiment) -> bool:

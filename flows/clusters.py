@@ -42,9 +42,9 @@ from distributed.deploy.cluster import Cluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 
-from cruijff.runner import Experiment, Trial
+from cruijff.runner import STOP, Experiment, Trial
 from cruijff.settings import OrchestrationConfig, ResourceProfile
-from cruijff.slurm import SlurmSubmitError, sbatch_options, worker_job_name
+from cruijff.slurm import SlurmSubmitError, queued_jobs, sbatch_options, worker_job_name
 
 # A worker lost mid-stage fails the stage at once; the trial subflow's retries (one mechanism,
 # one budget: orchestration.retries) then run it again on a new worker.
@@ -335,6 +335,7 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
         with _SUBMITTERS_LOCK:
             _SUBMITTERS[key] = submitter
         stack.callback(_forget, key, submitter)
+        stack.callback(_jobs_gone_after_a_stop, experiment.name)  # after the clusters close
         tls_dir = Path(tempfile.mkdtemp(prefix=".tls-", dir=log_dir))  # mode 0700
         stack.callback(shutil.rmtree, tls_dir, True)
         addresses = {}
@@ -347,6 +348,18 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
         yield addresses
         if submitter.failure is not None:  # trials stopped on it: the run fails with it
             raise SlurmSubmitError(submitter.failure)
+
+
+JOBS_GONE_TIMEOUT_S = 60.0
+
+
+def _jobs_gone_after_a_stop(experiment: str) -> None:
+    """After the user stopped the run, closing the clusters cancels the worker jobs: wait
+    (bounded) until Slurm has ended them, so that what their processes wrote as they were
+    killed is on disk before the run settles its records (cruijff.pipeline.hold)."""
+    deadline = time.monotonic() + JOBS_GONE_TIMEOUT_S
+    while STOP.is_set() and time.monotonic() < deadline and queued_jobs(experiment):
+        time.sleep(1)
 
 
 def _forget(key: str, submitter: Submitter) -> None:

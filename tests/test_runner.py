@@ -217,3 +217,32 @@ def test_a_stage_that_started_and_failed_uses_its_retries(make):
     assert run_trial(experiment, trial, [TOUCH], submit, sharing=Sharing([(trial, [TOUCH])]),
                      retries=1) == {TOUCH: "failed"}
     assert calls == [1, 2]
+
+
+def test_a_stage_its_dying_worker_recorded_failed_after_a_stop_is_interrupted(make):
+    """On Slurm, cancelling a stopped run's jobs signals the stage too, and its worker may
+    write 'failed' before it dies: once the workers are gone the run records 'interrupted'."""
+    from cruijff.pipeline import hold, run_trial
+    from cruijff.state import StageRecord, now, write_record
+
+    exp = make([TOUCH, SHARED], [{f"{TOUCH}.index": 1}])
+    plan = RunPlan.make(exp)
+
+    def submit(trial, stage, key, attempt):
+        request_stop("test")  # Ctrl-C while the stage ran in its worker job
+        write_record(trial.dir, StageRecord(stage, key, "failed", finished=now(),
+                                            error="exit code -15"))
+        return False
+
+    try:
+        with hold(plan) as sharing:
+            trial = plan.experiment.trial("a")
+            outcome = run_trial(plan.experiment, trial, [TOUCH, SHARED], submit,
+                                sharing=sharing, retries=1)
+    finally:
+        STOP.clear()
+    assert outcome == {TOUCH: "failed"}
+    record = read_record(exp / "trial-a", TOUCH)
+    assert (record.status, record.error) == ("interrupted",
+                                             "stopped by the user: `cruijff run` runs it again")
+    assert read_record(exp / "trial-a", SHARED) is None

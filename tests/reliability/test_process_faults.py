@@ -115,14 +115,12 @@ def test_a_stopped_run_ends_its_stages_frees_the_lock_and_resumes(project, prefe
                "trial a is done and b, c are running", proc=run)
     done_a = read_record(exp / "trial-a", TOUCH).run_id
 
-    started = time.monotonic()
     if how == "ctrl-c":
         os.killpg(run.pid, signal.SIGINT)  # what a terminal sends to its foreground job
     else:
         run.send_signal(signal.SIGTERM)  # what scancel or a scheduler sends
-    out, err = run.communicate(timeout=60)
+    out, err = run.communicate(timeout=60)  # stages get SIGTERM, then SIGKILL after 10 s
     assert run.returncode == 130, out + err
-    assert time.monotonic() - started < 30
     assert "Stopped:" in err and "resumes" in err and "Traceback" not in out + err
 
     assert stage_processes(exp) == [], "a stopped stage is still running"

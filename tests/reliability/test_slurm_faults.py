@@ -12,10 +12,10 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import REPO, cruijff, make_site
 from slurm_support import require_slurm, wait_for
@@ -179,10 +179,15 @@ def submitter(tmp_path: Path, retries: int, budget: float):
 def test_a_failing_sbatch_is_retried_with_doubling_waits_then_given_up(tmp_path, monkeypatch):
     script = fake_sbatch(tmp_path, monkeypatch, fail=99)
     sub = submitter(tmp_path, retries=3, budget=60)
-    start = time.monotonic()
+    waits, sleep = [], asyncio.sleep
+
+    async def recorded(seconds: float) -> None:
+        waits.append(seconds)
+        await sleep(seconds)
+
+    monkeypatch.setattr("cruijff.flows.clusters.asyncio.sleep", recorded)
     assert asyncio.run(sub.submit(["sbatch", "job.sh"])) == ""  # no job: gave up
-    elapsed = time.monotonic() - start
-    assert 0.2 + 0.4 + 0.8 <= elapsed < 5, elapsed
+    assert waits == [0.2, 0.4, 0.8]  # between the 4 tries, doubling
     assert sub.failure is not None and sub.failure.startswith("sbatch failed 4 times over ")
     assert sub.failure.endswith(": Batch job submission failed: Unable to contact slurm "
                                 "controller (connect failure): is the Slurm controller up? "
@@ -203,9 +208,10 @@ def test_sbatch_answering_again_within_the_budget_submits_the_job(tmp_path, monk
 def test_a_hanging_sbatch_is_killed_at_the_end_of_the_budget(tmp_path, monkeypatch):
     fake_sbatch(tmp_path, monkeypatch, fail=99, hang=True)
     sub = submitter(tmp_path, retries=5, budget=2)
-    start = time.monotonic()
     assert asyncio.run(sub.submit(["sbatch", "job.sh"])) == ""
-    assert time.monotonic() - start < 5
+    hanging = [p for p in psutil.process_iter(["cmdline"])
+               if any(str(tmp_path) in part for part in p.info["cmdline"] or [])]
+    assert hanging == [], "the hanging sbatch (and its sleep) was not killed"
     assert sub.failure is not None
     assert sub.failure.startswith("sbatch failed 1 time over 2 s: sbatch did not answer within "
                                   "2 s: is the Slurm controller up?"), sub.failure
@@ -214,12 +220,10 @@ def test_a_hanging_sbatch_is_killed_at_the_end_of_the_budget(tmp_path, monkeypat
 def test_no_sbatch_on_path_stops_the_run_at_once(tmp_path, tiny_random_model, prefect_env):
     exp = build(tmp_path, tiny_random_model, prefect_env, "nosbatch")
     env = dict(prefect_env, PATH=str(Path(sys.executable).parent))
-    start = time.monotonic()
     result = cruijff("run", "-q", "--executor", "slurm", exp, env=env, timeout=120)
-    elapsed = time.monotonic() - start
     assert result.returncode == 2, result.stdout + result.stderr
     assert error_line(result).startswith("error: sbatch is not on PATH")
-    assert elapsed < 60, f"took {elapsed:.0f} s"
+    assert not (exp / ".cruijff" / "slurm" / "submit.log").exists()  # at once: no try
     assert_stopped_cleanly(exp, prefect_env)
 
 
@@ -227,14 +231,11 @@ def test_sbatch_failing_stops_the_run_after_bounded_retries(tmp_path, tiny_rando
                                                             slurm_env, controller_down):
     # With the controller down each sbatch fails after ~9 s: try, 2 s, try, then give up.
     exp = build(tmp_path, tiny_random_model, slurm_env, "noctld", retries=1, budget=40)
-    start = time.monotonic()
-    result = cruijff("run", "-q", exp, env=slurm_env, timeout=180)
-    elapsed = time.monotonic() - start
+    result = cruijff("run", "-q", exp, env=slurm_env, timeout=180)  # bounded: it ends
     assert result.returncode == 2, result.stdout + result.stderr
     line = error_line(result)
     assert re.match(r"error: sbatch failed 2 times over \d+ s: .*Unable to contact slurm "
                     r"controller.*: is the Slurm controller up\? \(check with sinfo", line), line
-    assert elapsed < 40 + 45, f"took {elapsed:.0f} s"  # budget + start and teardown
     log = (exp / ".cruijff" / "slurm" / "submit.log").read_text()
     assert len(re.findall(r"try \d failed after \d+ s: .*Unable to contact", log)) == 2, log
     assert_stopped_cleanly(exp, slurm_env)
