@@ -162,7 +162,8 @@ def _results(selection: Selection, *, held: bool) -> tuple[Table, list[dict], bo
     from cruijff.runner import trial_states
 
     stages = list(dict.fromkeys(s for _, trial_stages in selection for s in trial_stages))
-    headlines = [(stage, h) for stage in stages for h in STAGES[stage].headlines]
+    # The outcome first (the eval's accuracy), then how it came about (the final loss).
+    headlines = [(stage, h) for stage in reversed(stages) for h in STAGES[stage].headlines]
     table = Table(title="trials")
     for column in ("trial", "treatment", *stages, *(h.column for _, h in headlines)):
         table.add_column(column, overflow="fold")
