@@ -232,6 +232,15 @@ def run_trial(experiment: Experiment, trial: Trial, stages: list[str], submit: S
     return outcome
 
 
+def trial_ending(outcome: dict[str, str], stages: list[str],
+                 stop: threading.Event = STOP) -> str:
+    """How a trial's pipeline ended: completed (every stage done, skipped or reused, even if
+    the user stopped the run right after), stopped, or failed."""
+    if len(outcome) == len(stages) and "failed" not in outcome.values():
+        return "completed"
+    return "stopped" if stop.is_set() else "failed"
+
+
 @contextmanager
 def hold(plan: RunPlan) -> Iterator[Sharing]:
     """The experiment, held for this run: its run lock, Ctrl-C/SIGTERM as a clean stop, the

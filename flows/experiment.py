@@ -19,7 +19,14 @@ from prefect.states import Cancelled, State
 from prefect_dask import DaskTaskRunner
 
 from cruijff.errors import CruijffError
-from cruijff.pipeline import RunPlan, Sharing, hold, run_concurrently, run_trial
+from cruijff.pipeline import (
+    RunPlan,
+    Sharing,
+    hold,
+    run_concurrently,
+    run_trial,
+    trial_ending,
+)
 from cruijff.runner import STOP, STOP_GRACE_S, Trial, execute_stage, load_experiment, summarize
 from cruijff.slurm import SlurmSubmitError
 
@@ -96,9 +103,10 @@ def _trial(experiment: str, trial_id: str, stages: list[str], run_id: str,
     exp = load_experiment(Path(experiment))
     outcome = run_trial(exp, exp.trial(trial_id), stages, _submitter(experiment, threads),
                         sharing=_RUNS[run_id], retries=retries)
-    if STOP.is_set():
+    ending = trial_ending(outcome, stages)
+    if ending == "stopped":
         return Cancelled(message=f"stopped by the user; done: {outcome}")
-    if "failed" in outcome.values():
+    if ending == "failed":
         raise StageFailedError(f"trial {trial_id}: {outcome}")
     return outcome
 

@@ -246,3 +246,19 @@ def test_a_stage_its_dying_worker_recorded_failed_after_a_stop_is_interrupted(ma
     assert (record.status, record.error) == ("interrupted",
                                              "stopped by the user: `cruijff run` runs it again")
     assert read_record(exp / "trial-a", SHARED) is None
+
+
+@pytest.mark.parametrize(("outcome", "stopped", "ending"), [
+    ({TOUCH: "done", SHARED: "reused"}, True, "completed"),  # stopped after it finished
+    ({TOUCH: "skipped", SHARED: "done"}, False, "completed"),
+    ({TOUCH: "done"}, True, "stopped"),
+    ({TOUCH: "failed"}, True, "stopped"),
+    ({TOUCH: "done", SHARED: "failed"}, False, "failed"),
+])
+def test_how_a_trial_ended(outcome, stopped, ending):
+    from cruijff.pipeline import trial_ending
+
+    stop = threading.Event()
+    if stopped:
+        stop.set()
+    assert trial_ending(outcome, [TOUCH, SHARED], stop) == ending
