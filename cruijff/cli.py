@@ -56,7 +56,8 @@ Task = Annotated[str, typer.Option(help="task folder name under tasks_dir", meta
 Datasets = Annotated[list[str] | None, typer.Option(
     "--dataset", help="dataset file name under data_dir (repeatable)", metavar="NAME")]
 Models = Annotated[list[str] | None, typer.Option(
-    "--model", help="Hugging Face model id org/name (repeatable)", metavar="MODEL")]
+    "--model", help="Hugging Face model id org/name, or a model folder (absolute, or ./ or ../ "
+    "from the config) (repeatable)", metavar="MODEL")]
 Control = Annotated[list[str] | None, typer.Option(
     "--control", help="KEY=VALUE applied to every trial (repeatable)", metavar="KEY=VALUE")]
 Controls = Annotated[list[str] | None, typer.Option(
@@ -635,7 +636,8 @@ def model_get(
     model_id: Annotated[str, typer.Argument(help="e.g. cruijff/tiny-llama or org/name")],
     model_dir: Annotated[Path, typer.Option(help="where models live")],
 ) -> None:
-    """Materialize a cruijff tiny model, or download a Hugging Face model, into model_dir."""
+    """Materialize a cruijff tiny model, or download a Hugging Face model, into model_dir
+    (a model already there or in the Hugging Face cache is used where it is)."""
     from cruijff.models import ensure_model
     from cruijff.settings import CruijffSettings
 

@@ -18,7 +18,7 @@ from typing import Any
 from cruijff.components import COMPONENT_KEY, RESOLVER
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_json, parse_json, parse_yaml, type_name
-from cruijff.models import validate_model_id
+from cruijff.models import absolute_model, validate_model
 from cruijff.plan import Plan, TrialSpec, short_value
 from cruijff.registry import STAGES
 from cruijff.settings import ExperimentConfig
@@ -238,7 +238,7 @@ def _check_trial_value(key: str, value: Any) -> Any:
         raise CruijffError(f"{key} {value!r} must not contain spaces, newlines or other "
                            "control characters")
     if key == "model":
-        validate_model_id(value)
+        validate_model(value)
     elif key == "dataset":
         validate_name(value, "dataset")
     return value
@@ -282,8 +282,10 @@ def _count_trials(treatments: list[dict[str, Any]], models: list[Any], datasets:
     return min(treated, COUNT_CAP)
 
 
-def expand(design: Design, config: ExperimentConfig) -> Plan:
-    """All trials, control trials first, with deterministic ids."""
+def expand(design: Design, config: ExperimentConfig, config_dir: Path | None = None) -> Plan:
+    """All trials, control trials first, with deterministic ids. A local model folder given
+    relative to the experiment config (in `config_dir`; the working folder if None) becomes
+    an absolute path."""
     controls = dict(design.controls)
     base_models = _unique(design.models + _as_list(controls.pop("model", [])))
     base_datasets = _unique(design.datasets + _as_list(controls.pop("dataset", [])))
@@ -302,13 +304,15 @@ def expand(design: Design, config: ExperimentConfig) -> Plan:
         raise CruijffError(
             f"the design makes {shown} trials; the limit is max_trials = {config.max_trials:,}: "
             "split the grid, or raise max_trials in config.yaml (or CRUIJFF_MAX_TRIALS)")
+    base = config_dir or Path.cwd()
+    base_models = _unique([absolute_model(m, base) for m in base_models])
     pairs: list[tuple[str, str]] = list(itertools.product(base_models, base_datasets))
     treated: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
     for number, treatment in enumerate(design.treatments, start=1):
         for variant in _variants(treatment):
             for key in TRIAL_KEYS.keys() & variant.keys():
                 _check_trial_value(key, variant[key])
-            models = [variant["model"]] if "model" in variant else base_models
+            models = [absolute_model(variant["model"], base)] if "model" in variant else base_models
             datasets = [variant["dataset"]] if "dataset" in variant else base_datasets
             if not models or not datasets:
                 what = "model" if not models else "dataset"

@@ -31,7 +31,7 @@ from cruijff import __version__
 from cruijff.design import Design, expand
 from cruijff.errors import CruijffError
 from cruijff.fileio import dump_yaml, load_yaml_mapping, lock_within
-from cruijff.models import ensure_model, family_of, model_key
+from cruijff.models import ensure_model, family_of, is_local, model_folder, model_key
 from cruijff.plan import Plan, TrialSpec
 from cruijff.registry import STAGES, file_stem
 from cruijff.settings import CruijffSettings, ExperimentConfig
@@ -96,15 +96,18 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
     settings = settings or CruijffSettings()
     config = ExperimentConfig.load(request.config_path)
     task = load_task(config.tasks_dir, request.task)
-    plan = expand(request.design, config)
+    plan = expand(request.design, config, request.config_path.expanduser().resolve().parent)
     _check_used(plan.trials, request.design.controls, pipeline_stages(config.pipeline))
     name = validate_experiment_name(
         request.name or f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}"
     )
+    # a local model folder that is not one is refused before anything is prepared
+    model_paths = {m: model_folder(m, config.model_dir) for m in dict.fromkeys(
+        t.model for t in plan.trials)}
     root = _experiment_root(request.root, probe=not dry_run)
     dest = root / name
     if dry_run:
-        return _render(request, config, task, plan, dest)[0]
+        return _render(request, config, task, plan, dest, model_paths)[0]
     with _build_lock(root, name):
         if dest.exists() and not force:
             raise CruijffError(
@@ -117,9 +120,10 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
         for dataset in dict.fromkeys(t.dataset for t in plan.trials):
             task.build_dataset(dataset, config.data_dir)
         _check_data(plan.trials, config)
-        for model in dict.fromkeys(t.model for t in plan.trials):
-            ensure_model(model, config.model_dir, settings)
-        built, files = _render(request, config, task, plan, dest)
+        for model in model_paths:
+            if not is_local(model):
+                model_paths[model] = ensure_model(model, config.model_dir, settings)
+        built, files = _render(request, config, task, plan, dest, model_paths)
         folders = [f"{trial_dir_name(trial_id)}/{folder}"
                    for trial_id, names in built.stages.items()
                    for name in names for folder in STAGES[name].folders]
@@ -160,13 +164,15 @@ def _check_data(trials: list[TrialSpec], config: ExperimentConfig) -> None:
 
 
 def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, plan: Plan,
-            dest: Path) -> tuple[Built, dict[str, str]]:
-    """The experiment's files (relative path -> text), rendered for the folder `dest`."""
+            dest: Path, model_paths: dict[str, Path]) -> tuple[Built, dict[str, str]]:
+    """The experiment's files (relative path -> text), rendered for the folder `dest`, with
+    each model's folder from `model_paths`."""
     name = dest.name
     files: dict[str, str] = {}
     stages: dict[str, list[str]] = {}
     for trial in plan.trials:
-        stages[trial.id] = _render_trial(files, trial, config, task, dest, name)
+        stages[trial.id] = _render_trial(files, trial, config, task, dest, name,
+                                         model_paths[trial.model])
     files["config.yaml"] = dump_yaml({
         "name": name,
         "task": task.name,
@@ -182,7 +188,7 @@ def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, p
 
 
 def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentConfig,
-                  task: TaskModule, dest: Path, name: str) -> list[str]:
+                  task: TaskModule, dest: Path, name: str, model_path: Path) -> list[str]:
     """Add one trial's files (relative path -> text) and return its enabled stage names."""
     folder = trial_dir_name(trial.id)
     trial_dir = dest / folder
@@ -191,7 +197,7 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
         task=task,
         trial=trial,
         trial_dir=trial_dir,
-        model_path=config.model_dir / model_key(trial.model),
+        model_path=model_path,
         data_path=config.data_dir / trial.dataset,
         family=family_of(trial.model),
     )

@@ -32,6 +32,7 @@ from cruijff.containment import check_contained, check_output_paths
 from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
 from cruijff.fileio import load_yaml_mapping, lock_within
+from cruijff.models import model_fingerprint
 from cruijff.registry import STAGES, file_stem
 from cruijff.settings import OrchestrationConfig
 from cruijff.stages import StageFailed
@@ -42,7 +43,6 @@ from cruijff.state import (
     damaged_output,
     digest,
     file_digest,
-    folder_fingerprint,
     now,
     output_fingerprint,
     read_record,
@@ -205,7 +205,7 @@ def stage_key(trial: Trial, stage: str) -> str:
         "stage": stage,
         "config": text,
         "data": file_digest(trial.data_path) if trial.data_path.is_file() else None,
-        "model": [trial.model, folder_fingerprint(trial.model_path)],
+        "model": [trial.model, model_fingerprint(trial.model_path)],
         "backend": _backend_version(STAGES[stage].backend),
         "upstream": upstream,
     })

@@ -160,16 +160,6 @@ def file_digest(path: Path) -> str:
     return _file_hashes[cache_key]
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """Names, sizes and mtimes of a model folder's files: cheap, and changes when they change."""
-    entries = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            entries.append(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
-
-
 def digest(material: Any) -> str:
     """A stable hash of JSON-able material."""
     text = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))

@@ -44,7 +44,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-TINY_MODEL_IDS: frozenset[str] = frozenset({"cruijff/tiny-llama", "cruijff/tiny-llama-random"})
+from cruijff.tiny_families import BUILDERS as FAMILY_BUILDERS
+
+TINY_MODEL_IDS: frozenset[str] = frozenset(
+    {"cruijff/tiny-llama", "cruijff/tiny-llama-random", *FAMILY_BUILDERS}
+)
 
 # --- architecture (torchtune llama2 builder arguments) --------------------------------
 VOCAB_SIZE = 64
@@ -130,6 +134,10 @@ def materialize(model_id: str, dest: Path) -> None:
 def _build(model_id: str, out: Path) -> None:
     import torch
 
+    if model_id in FAMILY_BUILDERS:
+        with _torch_threads(min(torch.get_num_threads(), MAX_THREADS)):
+            FAMILY_BUILDERS[model_id](out)
+        return
     _write_sentencepiece(out / "tokenizer.model")
     with _torch_threads(min(torch.get_num_threads(), MAX_THREADS)):
         model = _new_model()

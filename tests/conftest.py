@@ -79,6 +79,20 @@ def tiny_random_model(tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, tiny_random_model) -> dict[str, Path]:
+    """The family-shaped tiny models (cruijff/tiny_families.py) beside the random demo
+    model, materialized once per test session."""
+    from cruijff.tiny_model import materialize
+
+    folder = tmp_path_factory.mktemp("family-models")
+    paths = {"cruijff/tiny-llama-random": tiny_random_model}
+    for model in ("cruijff/tiny-llama3", "cruijff/tiny-qwen2.5"):
+        paths[model] = folder / model.replace("/", "__", 1)
+        materialize(model, paths[model])
+    return paths
+
+
 TOY_EVAL = '''
 from inspect_ai import Task, task
 

@@ -18,13 +18,15 @@ def load(path):
 
 
 @pytest.fixture
-def spec_site(tmp_path, tiny_random_model):
+def spec_site(tmp_path, family_models):
     """The spec's folders, with the example task and stand-in weights under the Llama names:
-    real Llama weights cannot be downloaded here, so the tiny model stands in for them."""
+    real Llama weights cannot be downloaded here, so the Llama-3.2-shaped tiny model (same
+    files, same tokenizer) stands in for them."""
     site = tmp_path / "cruijff"
     shutil.copytree(EXAMPLE / "tasks", site / "tasks")
     for model in (M1, M70):
-        shutil.copytree(tiny_random_model, site / "models" / model.replace("/", "__"))
+        shutil.copytree(family_models["cruijff/tiny-llama3"],
+                        site / "models" / model.replace("/", "__"))
     (site / "experiments").mkdir()
     config = site / "experiments" / "config.yaml"
     config.write_text(f"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,24 @@ def test_generated_scripts_match_golden_files(cli, project, stage):
     actual = normalized(script.read_text(), project.root)
     expected = (GOLDEN / f"{stage}.slurm").read_text()
     assert actual == expected
+
+
+def test_a_distributed_finetune_script_matches_its_golden_file(cli, project, family_models):
+    """The 70B row: one task, the GPUs its profile asks for, and torchrun inside that task
+    starting one recipe process per GPU (a stand-in folder: the family-shaped tiny Llama 3)."""
+    model = "meta-llama/Llama-3.3-70B-Instruct"
+    profile = model.replace("/", "__")
+    shutil.copytree(family_models["cruijff/tiny-llama3"], project.root / "models" / profile)
+    project.config.write_text(f"{project.config.read_text()}  {profile}:\n"
+                              "    time: '2-00:00:00'\n    cpus_per_task: 32\n"
+                              "    mem: 512\n    gres: 8\n")
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", model,
+                 "--dataset", "d.json", "--treatment", "torchtune.model.lora_rank=8",
+                 "--name", "golden", cwd=project.experiments)
+    assert result.code == 0, result.err
+    script = project.experiments / "golden" / "trial-b" / "finetune.slurm"
+    actual = normalized(script.read_text(), project.root)
+    assert actual == (GOLDEN / "finetune-distributed.slurm").read_text()
 
 
 def test_options_cover_known_and_pass_through_keys():

@@ -227,7 +227,8 @@ def test_materialize_failure_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_materialize_rejects_unknown_ids(tmp_path):
-    assert frozenset({"cruijff/tiny-llama", "cruijff/tiny-llama-random"}) == TINY_MODEL_IDS
+    assert frozenset({"cruijff/tiny-llama", "cruijff/tiny-llama-random", "cruijff/tiny-llama3",
+                      "cruijff/tiny-qwen2.5"}) == TINY_MODEL_IDS
     with pytest.raises(ValueError, match="unknown tiny model"):
         materialize("cruijff/huge-llama", tmp_path / "x")
     assert not (tmp_path / "x").exists()

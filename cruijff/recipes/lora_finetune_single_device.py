@@ -6,7 +6,8 @@ into it in place. On CPU ``v.cpu()`` returns the parameter itself, not a copy, s
 adds ``(alpha/rank)·B·A`` to the *live* base weights: training after the first epoch goes on
 from a corrupted model, and every later epoch's merged checkpoint counts the earlier
 adapters again. Here the save works on copies of the state dict, so what it merges is never
-what trains.
+what trains. With ``save_adapter_weights_only: true`` the save merges nothing and only reads
+the adapter, so it runs as torchtune ships it (no copy of the whole model per epoch).
 
 Run it exactly like ``tune run lora_finetune_single_device``::
 
@@ -74,9 +75,13 @@ def _copying(state_dict: Callable[..., dict[str, Any]]) -> Callable[..., dict[st
 
 
 class LoRAFinetuneRecipeSingleDevice(_upstream.LoRAFinetuneRecipeSingleDevice):
-    """torchtune's recipe; its checkpoint save reads the model only through copies."""
+    """torchtune's recipe; a checkpoint save that merges reads the model only through
+    copies."""
 
     def save_checkpoint(self, epoch: int) -> None:
+        if self._save_adapter_weights_only:
+            super().save_checkpoint(epoch)
+            return
         model = self._model
         shadowed = model.__dict__.get("state_dict")
         model.state_dict = _copying(model.state_dict)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cruijff import prompt_format
+from cruijff.adapters import LoraBase, checkpoint_shape, merged_model
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_yaml_mapping
 from cruijff.plan import TrialSpec
@@ -19,7 +23,7 @@ from cruijff.stages import (
     Verified,
     set_existing,
 )
-from cruijff.stages.finetune import FINAL_CHECKPOINT
+from cruijff.stages.finetune import FINAL_CHECKPOINT, FinetuneStage
 
 EDITABLE = ("task_args", "model_args", "generate", "limit", "checkpoint")
 """Top-level eval.yaml keys a user may set (the rest are cruijff's bookkeeping)."""
@@ -52,6 +56,17 @@ def inspect_target(ctx: TrialContext) -> dict[str, Any]:
     }
 
 
+def check_prompt_format(ctx: TrialContext, model_args: dict[str, Any]) -> None:
+    """The eval asks the fine-tuned model in the format it was trained in: known at once for
+    a family's own pairing, compared token by token otherwise (cruijff/prompt_format.py)."""
+    tokenizer = FinetuneStage().resolve(ctx).data.get("tokenizer", {})
+    family = ctx.family
+    if family is not None and prompt_format.known_pair(tokenizer, model_args, family.tokenizer,
+                                                       family.eval_model_args):
+        return
+    prompt_format.check(ctx.trial.model, tokenizer, ctx.model_path, model_args, ctx.data_path)
+
+
 def task_factory(config: dict[str, Any]) -> Any:
     """The @task function named by a stage config, with its model known to Inspect (so a
     local model is not loaded a second time just to look up its info)."""
@@ -71,6 +86,21 @@ def task_factory(config: dict[str, Any]) -> Any:
                                f"failed: {type(exc).__name__}: {exc}") from None
 
     return make_task
+
+
+@contextmanager
+def loadable(config: dict[str, Any], trial_dir: Path, stage: str) -> Iterator[dict[str, Any]]:
+    """The model args that load a stage config's model. A fine-tune saved as its adapter
+    alone is merged with its base (cruijff/adapters.py: never peft) into `.<stage>-model` in
+    the trial, removed afterwards; Inspect still names the checkpoint as the model."""
+    checkpoint = Path(str(config["model"]).removeprefix("hf/"))
+    if checkpoint_shape(checkpoint) != "adapter":
+        yield config["model_args"]
+        return
+    source = FinetuneStage().config_path(trial_dir)
+    base = LoraBase.from_config(load_yaml_mapping(source, "fine-tune config"), source)
+    with merged_model(checkpoint, base, trial_dir / f".{stage}-model") as folder:
+        yield {**config["model_args"], "model_path": str(folder)}
 
 
 def log_metrics(log: Any) -> dict[str, Any]:
@@ -106,6 +136,8 @@ class EvalStage(Stage):
                 self._set(config, ctx, str(key), value, f"eval_config {ctx.config.eval_config}")
         for key, value in self.overrides(ctx.trial).items():
             self._set(config, ctx, key, value, "design")
+        if ctx.trial.use_fine_tune and FinetuneStage.name in ctx.config.pipeline:
+            check_prompt_format(ctx, config["model_args"])
         return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
 
     def execute(self, config_path: Path) -> int:
@@ -115,15 +147,16 @@ class EvalStage(Stage):
 
         config = load_yaml_mapping(config_path, "eval config")
         make_task = task_factory(config)
-        success, _ = eval_set(
-            tasks=[make_task(**config["task_args"])],
-            log_dir=config["log_dir"],
-            model=config["model"],
-            model_args=config["model_args"],
-            limit=config["limit"],
-            display="plain",
-            **config["generate"],
-        )
+        with loadable(config, config_path.parent, self.name) as model_args:
+            success, _ = eval_set(
+                tasks=[make_task(**config["task_args"])],
+                log_dir=config["log_dir"],
+                model=config["model"],
+                model_args=model_args,
+                limit=config["limit"],
+                display="plain",
+                **config["generate"],
+            )
         return 0 if success else 1
 
     def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:

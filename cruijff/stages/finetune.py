@@ -1,4 +1,4 @@
-"""Fine-tuning with torchtune: `tune run <recipe> --config finetune.yaml`."""
+"""Fine-tuning with torchtune: `tune run [--nproc_per_node N] <recipe> --config finetune.yaml`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cruijff.adapters import checkpoint_shape
 from cruijff.components import check_components, named_components
 from cruijff.errors import CruijffError
 from cruijff.fileio import load_yaml_mapping
-from cruijff.models import checkpoint_files, family_of, torchtune_config_path
+from cruijff.models import checkpoint_files, family_of, model_key, torchtune_config_path
 from cruijff.plan import TrialSpec
+from cruijff.settings import ResourceProfile
 from cruijff.stages import (
     Headline,
     Stage,
@@ -139,13 +141,81 @@ def _interpolated(config: dict[str, Any], key: str, value: str) -> str:
                        "that points; give a path")
 
 
-def recipe_command(recipe: str, config_file: str) -> list[str]:
+def recipe_command(recipe: str, config_file: str, processes: int | None = None) -> list[str]:
     """torchtune's LoRA recipe goes through cruijff's copy-before-merge subclass (see
-    cruijff/recipes); every other recipe runs as torchtune ships it."""
+    cruijff/recipes); every other recipe runs as torchtune ships it, a distributed one under
+    torchrun with `processes` processes (`tune run --nproc_per_node N <recipe>`)."""
     if recipe == "lora_finetune_single_device":
         return [sys.executable, "-m", "cruijff.recipes.lora_finetune_single_device",
                 "--config", config_file]
-    return [tune_executable(), "run", recipe, "--config", config_file]
+    launch = ["--nproc_per_node", str(processes)] if processes is not None else []
+    return [tune_executable(), "run", *launch, recipe, "--config", config_file]
+
+
+DISTRIBUTED = "_distributed"
+"""How torchtune names the recipes that need torchrun (they init a process group)."""
+PROCESSES = "cruijff_nproc_per_node"
+"""cruijff's own key in a distributed recipe's config (torchtune reads no such key): the
+processes `tune run` starts, one per GPU the trial's resources request, written at build so
+that a run derives its command from the config alone, and so that the stage key (which
+hashes the config) changes with the world size, which changes the training."""
+
+
+def _gpu_count(value: object, key: str, where: str) -> int:
+    """The GPUs one Slurm request names: `gres` a count or gpu[:type][:count] (another gres
+    is no GPU); `gpus*` [type:]count, or a comma list of those."""
+    text = str(value)
+    if key == "gres" and not text.isdigit():
+        name, *rest = text.split(":")
+        if name != "gpu":
+            return 0
+        text = rest[-1] if rest and rest[-1].isdigit() else "1"
+    counts = [item.rsplit(":", 1)[-1] for item in text.split(",")]
+    if not all(count.isdigit() for count in counts):
+        raise CruijffError(f"{where}.{key} is {value!r}: cruijff cannot tell how many GPUs "
+                           "that is; give a count such as 8 or a100:8")
+    return sum(int(count) for count in counts)
+
+
+def process_count(resources: ResourceProfile, profile: str, model: str, recipe: str) -> int:
+    """One process per GPU the trial's resources request, all on the node the job starts on
+    (the script runs `tune run` once, without srun). No GPU is an error, not a one-process
+    fallback: a distributed config (70B) fits no single device, and learning so after the
+    queue wait, or from a run that leaves the allocation's other GPUs idle, costs hours."""
+    where = f"resources.{profile}"
+    values = resources.model_dump(exclude_none=True)
+    if values.get("nodes", 1) > 1:
+        raise CruijffError(f"{where}.nodes is {values['nodes']}: torchtune's {recipe} runs "
+                           "its processes on one node here; set nodes: 1 and gres to the GPUs "
+                           "of that node")
+    counts = {key: _gpu_count(values[key], key, where)
+              for key in ("gres", "gpus", "gpus_per_node") if key in values}
+    if "gpus_per_task" in values:
+        tasks = str(values.get("ntasks_per_node") or values.get("ntasks") or 1)
+        if not tasks.isdigit():
+            raise CruijffError(f"{where}.ntasks is {tasks!r}: give a count of tasks")
+        counts["gpus_per_task"] = int(tasks) * _gpu_count(values["gpus_per_task"],
+                                                          "gpus_per_task", where)
+    if len(set(counts.values())) > 1:
+        asked = ", ".join(f"{key} {count}" for key, count in counts.items())
+        raise CruijffError(f"{where} asks for different GPU counts ({asked}): keep one GPU "
+                           "request")
+    gpus = next(iter(counts.values()), 0)
+    if gpus < 1:
+        raise CruijffError(
+            f"model {model} fine-tunes with torchtune's {recipe} recipe, one process per GPU, "
+            f"but {where} requests no GPU: set {where}.gres to the GPUs to train on")
+    return gpus
+
+
+def _processes(config: dict[str, Any], recipe: str) -> int:
+    value = config.get(PROCESSES)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CruijffError(
+            f"fine-tune config key {PROCESSES} is {value!r}: torchtune's {recipe} recipe "
+            "needs its process count, which the build writes there from the GPUs the "
+            "resources request; build the experiment again (cruijff build --force)")
+    return value
 
 
 def recipe_for(config: dict[str, Any], default: str | None) -> str:
@@ -155,6 +225,19 @@ def recipe_for(config: dict[str, Any], default: str | None) -> str:
     if default and ("lora" in default) == lora:
         return default
     return "lora_finetune_single_device" if lora else "full_finetune_single_device"
+
+
+TOKENIZER_FILES = ("path", "merges_file", "special_tokens_path")
+"""Keys of torchtune tokenizer builders that name a file."""
+
+
+def _check_tokenizer_files(config: dict[str, Any], model: str) -> None:
+    """A tokenizer file that is not there fails torchtune after the queue wait: say so now."""
+    for key, value in string_values(config.get("tokenizer", {}), "tokenizer."):
+        if key.rsplit(".", 1)[-1] in TOKENIZER_FILES and not Path(value).is_file():
+            raise CruijffError(
+                f"fine-tune key {key}: {value} is not a file: point it at {model}'s tokenizer "
+                "file (or leave it out and cruijff sets it for the model's family)")
 
 
 class FinetuneStage(Stage):
@@ -168,16 +251,20 @@ class FinetuneStage(Stage):
         return trial.use_fine_tune
 
     def resolve(self, ctx: TrialContext) -> StageConfig:
+        family_sets: dict[str, Any] = {}
         if ctx.config.finetune_config is not None:
             source = ctx.config.finetune_config
         elif ctx.family is not None:
             source = torchtune_config_path(ctx.family.lora[1])
+            family_sets = ctx.family.tune_overrides
         else:
             raise CruijffError(
                 f"no torchtune config is known for model {ctx.trial.model}: set finetune_config "
                 "in config.yaml to a torchtune YAML for it"
             )
         config = copy.deepcopy(_load_default(source))
+        for key, value in family_sets.items():
+            set_path(config, key, value)
 
         checkpoints = ctx.trial_dir / CHECKPOINTS
         config["output_dir"] = str(checkpoints)
@@ -192,16 +279,29 @@ class FinetuneStage(Stage):
         for key, value in self.overrides(ctx.trial).items():
             set_existing(config, key, value, f"fine-tune config ({source.name})",
                          self.namespace)
+        if ctx.model_path.is_dir():  # a dry run before the model is fetched cannot tell
+            _check_tokenizer_files(config, ctx.trial.model)
+        recipe = self._recipe(config, ctx.trial.model)
+        if recipe.endswith(DISTRIBUTED):  # after the overrides: the resources' count wins
+            profile = model_key(ctx.trial.model)
+            config[PROCESSES] = process_count(ctx.config.resources_for(profile), profile,
+                                              ctx.trial.model, recipe)
         # torchtune calls every _component_: only its own, and those the file names, may stay
         check_components(config, self.namespace, _trusted_components(source))
         return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
 
+    @staticmethod
+    def _recipe(config: dict[str, Any], model: str) -> str:
+        family = family_of(model)
+        return recipe_for(config, family.lora[0] if family else None)
+
     def command(self, trial_dir: Path, config: dict[str, Any], model: str) -> list[str]:
         """The recipe the model's family names when it suits the config (LoRA or full),
-        else the single-device one that does: a recipe name from cruijff's own table."""
-        family = family_of(model)
-        recipe = recipe_for(config, family.lora[0] if family else None)
-        return recipe_command(recipe, str(self.config_path(trial_dir)))
+        else the single-device one that does: a recipe name from cruijff's own table; a
+        distributed one with the process count the config holds."""
+        recipe = self._recipe(config, model)
+        processes = _processes(config, recipe) if recipe.endswith(DISTRIBUTED) else None
+        return recipe_command(recipe, str(self.config_path(trial_dir)), processes)
 
     def output_paths(self, trial_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
         """Every `output_dir` and `log_dir`, at any depth (checkpointer, metric logger,
@@ -240,12 +340,14 @@ class FinetuneStage(Stage):
         return training_losses(Path(log_dir))
 
     def verify(self, trial_dir: Path, config: dict[str, Any]) -> Verified:
-        """The final epoch's weights exist and the loss was logged; checkpoints/final points
-        at that epoch, which is what the eval stage loads."""
+        """The final epoch's model (or, with save_adapter_weights_only, its adapter, which
+        the eval merges with the base) exists and the loss was logged; checkpoints/final
+        points at that epoch, which is what the eval stage loads."""
         epochs = int(config.get("epochs") or 1)
         epoch_dir = Path(config["output_dir"]) / f"epoch_{epochs - 1}"
-        if not any(epoch_dir.glob("*.safetensors")) or not (epoch_dir / "config.json").is_file():
-            raise StageFailed(f"fine-tune finished without model weights in {epoch_dir}")
+        if checkpoint_shape(epoch_dir) is None:
+            raise StageFailed(f"fine-tune finished without model or adapter weights in "
+                              f"{epoch_dir}")
         losses = self.losses(trial_dir, config)
         if not losses:
             log_dir = config.get("metric_logger", {}).get("log_dir")

@@ -9,6 +9,7 @@ records {id, input, output}); demonstrations are drawn, seeded, from the trainin
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 from pathlib import Path
@@ -27,7 +28,7 @@ from cruijff.stages import (
     Verified,
     set_existing,
 )
-from cruijff.stages.eval import inspect_target, log_metrics, task_factory
+from cruijff.stages.eval import inspect_target, loadable, log_metrics, task_factory
 
 PROMPT_ARGS = ("split", "system_prompt", "fewshot")
 CANDIDATES = "prompt_opt/candidates.csv"
@@ -82,10 +83,10 @@ class PromptOptStage(Stage):
             max_candidates=int(config["max_candidates"]),
         )
 
-        def evaluate(candidate: Candidate) -> Scored:
+        def evaluate(model_args: dict[str, Any], candidate: Candidate) -> Scored:
             task = make_task(**{**config["task_args"], **candidate.args,
                                 "split": config["split"]})
-            [log] = inspect_eval(task, model=config["model"], model_args=config["model_args"],
+            [log] = inspect_eval(task, model=config["model"], model_args=model_args,
                                  limit=config["max_samples"], display="none",
                                  log_dir=str(Path(config["log_dir"]) / f"c{candidate.number}"),
                                  **config["generate"])
@@ -98,7 +99,9 @@ class PromptOptStage(Stage):
             return Scored(candidate, float(score), int(metrics["samples"]),
                           [str(s.id) for s in log.samples or []])
 
-        scored = OPTIMIZERS[config["optimizer"]].optimize(space, evaluate)
+        with loadable(config, trial_dir, self.name) as model_args:
+            scored = OPTIMIZERS[config["optimizer"]].optimize(
+                space, functools.partial(evaluate, model_args))
         if not scored:
             raise RuntimeError("no candidate was scored")
         best = max(scored, key=lambda s: (s.score, -s.candidate.number))
