@@ -235,8 +235,8 @@ def _check_trial_value(key: str, value: Any) -> Any:
     if isinstance(value, str) and (not value.isprintable() or value != value.strip()):
         # The name checks' `$` lets one trailing newline through ('d.json\n'), which would
         # become a file name and a message broken over several lines.
-        raise CruijffError(f"{key} {value!r} must not contain spaces, newlines or other "
-                           "control characters")
+        raise CruijffError(f"{key} {value!r} must not start or end with spaces, nor contain "
+                           "newlines or other control characters")
     if key == "model":
         validate_model(value)
     elif key == "dataset":
