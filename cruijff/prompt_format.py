@@ -27,8 +27,7 @@ FORMAT_KEYS = ("chat_template", "use_chat_template", "tokenizer_call_args")
 
 # torchtune's Llama3Tokenizer: BOS, then per message a role header, the stripped content, and
 # <|eot_id|>; the assistant's header opens the answer.
-LLAMA3_TEMPLATE = (
-    "{{- bos_token }}"
+LLAMA3_TURNS = (
     "{%- for message in messages %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
     "{{- message['content'] | trim + '<|eot_id|>' }}"
@@ -37,6 +36,7 @@ LLAMA3_TEMPLATE = (
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{%- endif %}"
 )
+LLAMA3_TEMPLATE = "{{- bos_token }}" + LLAMA3_TURNS
 # torchtune's Qwen2_5Tokenizer: ChatML turns, content as written, no default system prompt.
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"

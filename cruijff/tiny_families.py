@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cruijff.prompt_format import CHATML_TEMPLATE, LLAMA3_TURNS
+
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -84,7 +86,7 @@ QWEN25 = Shape(vocab_size=151936, base_vocab=151643, special=QWEN_SPECIAL, patte
 
 # The hubs' own chat templates, in behaviour: Llama 3.2 Instruct always opens with a system
 # turn carrying dates; Qwen2.5 Instruct adds its default system prompt when a chat has none.
-# (cruijff's eval does not use them: see cruijff/prompt_format.py.)
+# Their turns are torchtune's format (cruijff/prompt_format.py), which the eval uses alone.
 LLAMA3_CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
@@ -96,24 +98,13 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{- 'Cutting Knowledge Date: December 2023\\n' }}"
     "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
     "{{- system_message + '<|eot_id|>' }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{{- message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-    "{%- endif %}"
-)
+) + LLAMA3_TURNS
 QWEN_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' %}"
     "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
     "assistant.<|im_end|>\\n' }}"
     "{%- endif %}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+) + CHATML_TEMPLATE
 
 
 # --------------------------------------------------------------------------------------
