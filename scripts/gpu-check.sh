@@ -51,6 +51,7 @@ experiment="$work/gpu-check"
 # Offline; a private cruijff home (its own Prefect server, stopped at the end); every Python
 # process that uses torch records its peak CUDA memory in $work/peaks (gpu_check.py says why).
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 CRUIJFF_OFFLINE=1 CRUIJFF_HOME="$work/home"
+unset PREFECT_API_URL  # not a server someone else runs: the private home's own
 export CRUIJFF_GPU_CHECK_PEAKS="$work/peaks"
 export PYTHONPATH="$repo/scripts/lib/cuda_peak${PYTHONPATH:+:$PYTHONPATH}"
 rm -rf "$experiment" "$CRUIJFF_GPU_CHECK_PEAKS"  # a kept folder's earlier check (not its models)

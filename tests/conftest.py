@@ -49,6 +49,19 @@ class Result:
     err: str
 
 
+@pytest.fixture(autouse=True)
+def _prefect_url_restored(monkeypatch):
+    """An in-process command exports its Prefect server's URL into os.environ
+    (flows/server.py): put the variables back after each test, so that a later test's
+    subprocess does not inherit the URL of a server that is gone."""
+    for name in ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_ENABLED"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:  # recorded as absent, so that a value set during the test is removed after it
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run `cruijff ARGS...` in this process (optionally in `cwd`) and return its outcome."""
