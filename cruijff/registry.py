@@ -137,7 +137,8 @@ STAGES: Registry[Any] = Registry(
      "prompt_opt": "cruijff.stages.prompt_opt:PromptOptStage",
      "eval": "cruijff.stages.eval:EvalStage"},
     test_doubles={"testing_touch": "cruijff.testing.touch_stage:TouchStage",
-                  "testing_shared": "cruijff.testing.touch_stage:SharedTouchStage"},
+                  "testing_shared": "cruijff.testing.touch_stage:SharedTouchStage",
+                  "testing_compute": "cruijff.testing.compute_stage:ComputeStage"},
 )
 """Every stage by name (cruijff.stages.Stage instances)."""
 

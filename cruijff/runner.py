@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +28,8 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from pydantic import TypeAdapter
 
 from cruijff.containment import check_contained, check_output_paths
 from cruijff.errors import CruijffError
@@ -39,7 +42,9 @@ from cruijff.stages import StageFailed
 from cruijff.state import (
     RECORDS,
     STAGE_ENVIRONMENT,
+    GpuUse,
     StageRecord,
+    Usage,
     damaged_output,
     digest,
     file_digest,
@@ -365,9 +370,7 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
     previous = read_record(trial.dir, stage)
     retry = previous is not None and previous.key == key
     attempts = previous.attempts + 1 if retry else 1
-    history = [*previous.history, {"attempt": previous.attempts, "status": previous.status,
-                                   "where": previous.where, "error": previous.error}
-               ] if retry else []
+    history = [*previous.history, _attempt_summary(previous)] if retry else []
     log = _next_log(trial.dir / "logs", stage)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
@@ -376,6 +379,13 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
                          where=where_now(), history=history,
                          environment={k: env[k] for k in STAGE_ENVIRONMENT if k in env})
     write_record(trial.dir, record)
+    measured = usage_path(trial.dir, stage)
+    measured.unlink(missing_ok=True)
+    work_path(trial.dir, stage).unlink(missing_ok=True)
+    env["CRUIJFF_WORK_REPORT"] = str(work_path(trial.dir, stage))
+    if env.get("CRUIJFF_USAGE", "on") != "off":
+        command = [sys.executable, "-m", "cruijff.usage", "--out", str(measured), "--",
+                   *command]
     start = time.monotonic()
     with log.open("w", encoding="utf-8") as out:
         # Its own process group: a Ctrl-C reaches only cruijff, which then stops the stage
@@ -394,6 +404,7 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
                 _stages_running.discard(proc)
     record.duration_s = round(time.monotonic() - start, 2)
     record.finished = now()
+    throughput: dict[str, float] = {}
     if proc.returncode != 0 and STOP.is_set():
         record.status = "interrupted"
         record.error = (f"stopped by the user after {record.duration_s:g} s: `cruijff run` "
@@ -411,8 +422,87 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
             record.status = "done"
             record.outputs, record.metrics = verified.outputs, verified.metrics
             record.fingerprint = output_fingerprint(trial.dir, verified.outputs)
+            throughput = verified.throughput
+    record.usage = read_usage(trial, stage, throughput)
     write_record(trial.dir, record)
     return record
+
+
+def usage_path(trial_dir: Path, stage: str) -> Path:
+    """Where `python -m cruijff.usage` writes what an attempt used."""
+    return trial_dir / RECORDS / f"{file_stem(stage)}.usage.json"
+
+
+def work_path(trial_dir: Path, stage: str) -> Path:
+    """Where a stage that can may say what its own work loop got through (CRUIJFF_WORK_REPORT:
+    cruijff's fine-tune recipe writes training tokens and the training loop's time)."""
+    return trial_dir / RECORDS / f"{file_stem(stage)}.work.json"
+
+
+def _work_report(trial_dir: Path, stage: str) -> dict[str, float]:
+    try:
+        figures = json.loads(work_path(trial_dir, stage).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(figures, dict):
+        return {}
+    return {k: float(v) for k, v in figures.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def read_usage(trial: Trial, stage: str, throughput: dict[str, float]) -> Usage | None:
+    """What the attempt's launcher measured, with what the stage reported of its work and
+    the work's size (from the trial's config); None if nothing was measured (CRUIJFF_USAGE=off,
+    or a launcher killed before its first snapshot): measuring never fails a stage."""
+    try:
+        figures = json.loads(usage_path(trial.dir, stage).read_text(encoding="utf-8"))
+        usage = _USAGE.validate_python(figures)
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
+    figures = {**throughput, **_work_report(trial.dir, stage)}
+    torch_peaks = {k: int(figures.pop(k)) for k in TORCH_PEAKS if k in figures}
+    if torch_peaks:  # the recipe's own view of its device, beside NVML's (or alone)
+        if not usage.gpus:
+            usage.gpus.append(GpuUse(device="0"))
+        for key, value in torch_peaks.items():
+            setattr(usage.gpus[0], key, value)
+    usage.throughput = figures
+    sizes = _trial_sizes(trial).get(stage)
+    if isinstance(sizes, dict):
+        usage.size = {k: float(v) for k, v in sizes.items()
+                      if isinstance(v, int | float) and not isinstance(v, bool)}
+    return usage
+
+
+_USAGE = TypeAdapter(Usage)
+TORCH_PEAKS = ("torch_peak_allocated_mib", "torch_peak_reserved_mib")
+
+
+def _trial_sizes(trial: Trial) -> dict[str, Any]:
+    """The work's size per stage, as the build wrote it into the trial's config.yaml."""
+    try:
+        sizes = load_yaml_mapping(trial.dir / "config.yaml", f"trial {trial.id} config").get(
+            "sizes")
+    except CruijffError:
+        return {}
+    return sizes if isinstance(sizes, dict) else {}
+
+
+def _attempt_summary(record: StageRecord) -> dict[str, Any]:
+    """An earlier attempt as its record's history keeps it: an OUT_OF_MEMORY's figure and
+    what it asked for survive the retry that succeeds."""
+    summary: dict[str, Any] = {"attempt": record.attempts, "status": record.status,
+                               "where": record.where, "error": record.error}
+    if record.outcome:
+        summary["outcome"] = record.outcome
+    if record.usage:
+        summary["wall_s"] = record.usage.wall_s
+        summary["peak_rss_mib"] = record.usage.peak_rss_mib
+    if record.slurm and record.slurm.requested:
+        summary["requested"] = record.slurm.requested
+    if record.grown:
+        summary["grown"] = record.grown
+    return summary
 
 
 def link_shared(trial: Trial, owner: Trial, stage: str) -> StageRecord:
@@ -458,7 +548,8 @@ def archive_stages(experiment: Experiment, selection: list[tuple[Trial, list[str
         for stage in stages:
             spec = STAGES[stage]
             config = load_yaml_mapping(spec.config_path(trial.dir), f"{stage} config")
-            paths = [record_path(trial.dir, stage),
+            paths = [record_path(trial.dir, stage), usage_path(trial.dir, stage),
+                     work_path(trial.dir, stage),
                      *(p for _, p in _attempt_logs(trial.dir / "logs", stage))]
             links = [trial.dir / name for name in spec.folders
                      if (trial.dir / name).is_symlink()]

@@ -23,6 +23,80 @@ from cruijff.registry import file_stem
 
 RECORDS = ".cruijff"
 Status = Literal["running", "done", "failed", "reused", "interrupted"]
+Outcome = Literal["OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "CANCELLED"]
+"""Why Slurm ended an attempt, where that is more than "failed" (read from sacct)."""
+
+
+@dataclass
+class GpuUse:
+    """One device an attempt could use, and the most memory it held on it."""
+
+    device: str
+    """NVML UUID, else the CUDA index."""
+    name: str | None = None
+    total_mib: int | None = None
+    peak_used_mib: int | None = None
+    """NVML's device memory used, the most of all samples (every process on the device)."""
+    torch_peak_allocated_mib: int | None = None
+    torch_peak_reserved_mib: int | None = None
+    """The recipe's own figures (torchtune logs them), where the stage reports them."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Usage:
+    """What one attempt used, measured from outside by `python -m cruijff.usage` (the stage's
+    whole process tree), plus what the stage says it got through."""
+
+    wall_s: float
+    cpu_s: float | None = None
+    """User + system CPU of the whole tree (getrusage of the launcher's children)."""
+    peak_rss_mib: float | None = None
+    """The most, over the samples, of the summed resident memory of the tree (or the largest
+    single process, if that is more: a stage shorter than one sample interval)."""
+    largest_process_rss_mib: float | None = None
+    max_processes: int | None = None
+    samples: int = 0
+    sampler_cpu_s: float | None = None
+    """What measuring cost (the launcher's own CPU): kept to show it stays < 1 %."""
+    gpus: list[GpuUse] = field(default_factory=list)
+    throughput: dict[str, float] = field(default_factory=dict)
+    """tokens_per_s, training_tokens, train_s (fine-tunes); samples, samples_per_s, eval_s
+    (evals): what the stage reports of its own work."""
+    size: dict[str, float] = field(default_factory=dict)
+    """What the work's size was (epochs, train_examples, eval_samples, parameters): what
+    `cruijff resources` scales a suggestion by."""
+    final: bool = True
+    """False: the last snapshot of an attempt killed before it could write its totals."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+
+@dataclass
+class SlurmAccounting:
+    """The scheduler's own view of an attempt (sacct), and what its job asked for."""
+
+    job_id: str
+    step_id: str | None = None
+    """The srun step the attempt ran as; None: only the whole job's figures are known."""
+    step_name: str | None = None
+    requested: dict[str, Any] = field(default_factory=dict)
+    """mem_mib, time_s, cpus, gpus: the profile the attempt's job asked for."""
+    state: str | None = None
+    """sacct State's first word: COMPLETED, FAILED, OUT_OF_MEMORY, TIMEOUT, CANCELLED, ..."""
+    job_state: str | None = None
+    """The worker job's State when asked (RUNNING while it runs further attempts)."""
+    exit_code: str | None = None
+    elapsed_s: float | None = None
+    total_cpu_s: float | None = None
+    max_rss_mib: float | None = None
+    alloc_tres: str | None = None
+    source: Literal["sacct", "sacct -c", "none"] = "none"
+    note: str | None = None
+    """Why a figure is missing: "no MaxRSS without jobacct_gather", "not yet in sacct"."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
 
 @dataclass
@@ -51,6 +125,12 @@ class StageRecord:
     fingerprint: dict[str, int] = field(default_factory=dict)
     """Size of every file of the verified outputs: a file truncated or lost after the stage
     was recorded done (a crash, a full disk, a hand) makes the stage not done any more."""
+    usage: Usage | None = None
+    """What this attempt used (None: reused, or not measured)."""
+    slurm: SlurmAccounting | None = None
+    outcome: Outcome | None = None
+    grown: dict[str, Any] | None = None
+    """What grow_on_oom asked for on this attempt beyond its profile ({"mem": 4, ...})."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # see _RECORD
 

@@ -71,6 +71,10 @@ def test_finetunes_really_train(experiment):
         assert record.status == "done" and record.metrics["steps"] == 6
         final = experiment / f"trial-{trial}" / "checkpoints" / "final"
         assert final.is_symlink() and any(final.glob("*.safetensors"))
+        work = record.usage.throughput  # the recipe's own count, and torchtune's logged speed
+        assert work["training_tokens"] > 0 and 0 < work["train_s"] < record.usage.wall_s
+        assert work["tokens_per_s"] == round(work["training_tokens"] / work["train_s"], 2)
+        assert record.usage.peak_rss_mib > 100 and record.usage.cpu_s > 0
 
 
 def test_evals_are_inspect_logs_with_status_success(experiment):
@@ -82,6 +86,10 @@ def test_evals_are_inspect_logs_with_status_success(experiment):
         log = read_eval_log(str(experiment / f"trial-{trial}" / record.outputs[0]))
         assert log.status == "success"
         assert log.eval.model.endswith("checkpoints/final")
+        work = record.usage.throughput
+        assert work["samples"] == samples and work["samples_per_s"] > 0
+        assert 0 < work["eval_s"] < record.usage.wall_s
+    assert read_record(experiment / "trial-b", "finetune").usage is None  # reused: no cost
 
 
 def test_a_shared_finetune_runs_once(experiment):

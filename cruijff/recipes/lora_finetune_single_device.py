@@ -21,7 +21,10 @@ from torchtune's installation by path.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -94,13 +97,44 @@ class LoRAFinetuneRecipeSingleDevice(_upstream.LoRAFinetuneRecipeSingleDevice):
                 model.state_dict = shadowed
 
 
+WORK_REPORT = "CRUIJFF_WORK_REPORT"
+"""Where cruijff asks the recipe to say what its training loop got through (a JSON file)."""
+
+
+def _counting_tokens(recipe: LoRAFinetuneRecipeSingleDevice) -> Callable[[], int]:
+    """Count the tokens the loss is computed on (the recipe's own measure) as the loop goes,
+    on the device, read once at the end: no extra host sync per step."""
+    loss_step = recipe._loss_step
+    total: list[Any] = [0]
+
+    def counted(batch: dict[str, Any]) -> Any:
+        total[0] = total[0] + (batch["labels"] != recipe._loss_fn.ignore_index).sum()
+        return loss_step(batch)
+
+    recipe._loss_step = counted  # type: ignore[method-assign]
+    return lambda: int(total[0])
+
+
+def _report_work(path: str, training_tokens: int, train_s: float) -> None:
+    """What `cruijff.usage` cannot see from outside: the training loop's own time and tokens."""
+    Path(path).write_text(json.dumps({
+        "training_tokens": training_tokens, "train_s": round(train_s, 3),
+        "tokens_per_s": round(training_tokens / train_s, 2) if train_s > 0 else 0.0,
+    }), encoding="utf-8")
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``--config <file>`` plus ``key=value`` overrides, as for ``tune run``."""
     config.log_config(recipe_name="LoRAFinetuneRecipeSingleDevice", cfg=cfg)
     recipe = LoRAFinetuneRecipeSingleDevice(cfg=cfg)
     recipe.setup(cfg=cfg)
+    report = os.environ.get(WORK_REPORT)
+    tokens = _counting_tokens(recipe) if report else None
+    start = time.perf_counter()
     recipe.train()
+    if report and tokens:
+        _report_work(report, tokens(), time.perf_counter() - start)
     recipe.cleanup()
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,6 +49,8 @@ class Verified:
 
     outputs: list[str]
     metrics: dict[str, Any]
+    throughput: dict[str, float] = field(default_factory=dict)
+    """What the run got through and how fast (see state.Usage.throughput)."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import copy
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,28 @@ def loadable(config: dict[str, Any], trial_dir: Path, stage: str) -> Iterator[di
         yield {**config["model_args"], "model_path": str(folder)}
 
 
+def eval_throughput(log: Any) -> dict[str, float]:
+    """Samples (and model tokens) the eval got through, and how fast, from its log's header:
+    the time is the eval's own (started_at to completed_at), not the stage's start-up."""
+    figures: dict[str, float] = {}
+    samples = log.results.completed_samples if log.results else None
+    if samples is not None:
+        figures["samples"] = float(samples)
+    try:
+        seconds = (datetime.fromisoformat(log.stats.completed_at)
+                   - datetime.fromisoformat(log.stats.started_at)).total_seconds()
+    except (TypeError, ValueError):
+        seconds = 0.0
+    if seconds > 0:
+        figures["eval_s"] = round(seconds, 3)
+        if samples:
+            figures["samples_per_s"] = round(samples / seconds, 4)
+    tokens = sum(usage.total_tokens for usage in log.stats.model_usage.values())
+    if tokens:
+        figures["model_tokens"] = float(tokens)
+    return figures
+
+
 def log_metrics(log: Any) -> dict[str, Any]:
     """Sample count and every metric of an Inspect log's results."""
     metrics: dict[str, Any] = {"samples": log.results.completed_samples if log.results else 0}
@@ -175,7 +198,8 @@ class EvalStage(Stage):
             error = log.error.message.splitlines()[0] if log.error else "no error recorded"
             raise StageFailed(f"eval log status is {log.status}: {error}")
         location = Path(newest.name.removeprefix("file://"))
-        return Verified([str(location.relative_to(trial_dir))], log_metrics(log))
+        return Verified([str(location.relative_to(trial_dir))], log_metrics(log),
+                        eval_throughput(log))
 
     def _set(self, config: dict[str, Any], ctx: TrialContext, key: str, value: Any,
              source: str) -> None:

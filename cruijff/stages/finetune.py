@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,14 +112,36 @@ def tune_executable() -> str:
 
 
 LOSS = re.compile(r"\bloss:([-+0-9.eE]+|nan|inf)")
+TOKENS_PER_S = re.compile(r"\btokens_per_second_per_gpu:([0-9.eE+-]+)")
+
+
+def _newest_log(log_dir: Path) -> str:
+    """The newest torchtune DiskLogger file in log_dir ("" if none)."""
+    logs = sorted(log_dir.glob("log_*.txt"), key=lambda p: p.stat().st_mtime)
+    return logs[-1].read_text(encoding="utf-8") if logs else ""
 
 
 def training_losses(log_dir: Path) -> list[float]:
     """Loss per step from the newest torchtune DiskLogger file in log_dir."""
-    logs = sorted(log_dir.glob("log_*.txt"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        return []
-    return [float(m.group(1)) for m in LOSS.finditer(logs[-1].read_text(encoding="utf-8"))]
+    return [float(m.group(1)) for m in LOSS.finditer(_newest_log(log_dir))]
+
+
+def logged_throughput(log_dir: Path, processes: int) -> dict[str, float]:
+    """What any torchtune recipe's metric log says of speed and GPU memory: the median of
+    its per-step tokens/s per GPU times the processes, and the most memory torch held (the
+    recipe logs GiB; on CUDA with log_peak_memory_stats)."""
+    text = _newest_log(log_dir)
+    figures: dict[str, float] = {}
+    speeds = sorted(float(m.group(1)) for m in TOKENS_PER_S.finditer(text))
+    if speeds:
+        figures["tokens_per_s"] = round(statistics.median(speeds) * processes, 2)
+    for name, key in (("alloc", "torch_peak_allocated_mib"),
+                      ("reserved", "torch_peak_reserved_mib")):
+        peaks = [float(m.group(1)) for m in
+                 re.finditer(rf"\bpeak_memory_{name}:([0-9.eE+-]+)", text)]
+        if peaks:
+            figures[key] = round(max(peaks) * 1024, 1)
+    return figures
 
 
 OUTPUT_KEYS = ("output_dir", "log_dir")
@@ -284,7 +307,7 @@ class FinetuneStage(Stage):
         recipe = self._recipe(config, ctx.trial.model)
         if recipe.endswith(DISTRIBUTED):  # after the overrides: the resources' count wins
             profile = model_key(ctx.trial.model)
-            config[PROCESSES] = process_count(ctx.config.resources_for(profile), profile,
+            config[PROCESSES] = process_count(ctx.config.resources_for(profile, self.name), profile,
                                               ctx.trial.model, recipe)
         # torchtune calls every _component_: only its own, and those the file names, may stay
         check_components(config, self.namespace, _trusted_components(source))
@@ -357,7 +380,9 @@ class FinetuneStage(Stage):
         link.unlink(missing_ok=True)
         link.symlink_to(epoch_dir.name)
         os.replace(link, final)
+        log_dir = config.get("metric_logger", {}).get("log_dir") or trial_dir / LOG_DIR
         return Verified(
             outputs=[str(p.relative_to(trial_dir)) for p in (epoch_dir, final)],
             metrics={"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses)},
+            throughput=logged_throughput(Path(log_dir), int(config.get(PROCESSES) or 1)),
         )

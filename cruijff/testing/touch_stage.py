@@ -23,6 +23,8 @@ class TouchStage(Stage):
     name = "testing_touch"
     backend = "cruijff"
     output: ClassVar[str] = "touch/output.txt"
+    settings: ClassVar[dict[str, Any]] = {}
+    """A subclass's own config keys and defaults (a design sets them as `<name>.<key>`)."""
 
     def enabled(self, trial: TrialSpec) -> bool:
         return True
@@ -34,7 +36,8 @@ class TouchStage(Stage):
     def resolve(self, ctx: TrialContext) -> StageConfig:
         config: dict[str, Any] = {"trial": self._owner(ctx), "index": 0, "wait_for": "",
                                   "exit_code": 0, "fail_once": "",
-                                  "output": str(ctx.trial_dir / self.output)}
+                                  "output": str(ctx.trial_dir / self.output),
+                                  **self.settings}
         for key, value in self.overrides(ctx.trial).items():
             set_existing(config, key, value, "testing_touch config", self.namespace)
         return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))

@@ -140,7 +140,9 @@ def test_an_eval_py_nested_too_deeply_is_one_clear_line(cli, project, source):
 BAD_FIELDS = [("where", 5), ("history", [1]), ("fingerprint", None), ("attempts", "x"),
               ("metrics", []), ("status", "bogus"), ("key", None), ("outputs", "x"),
               ("fingerprint", {"a": "one"}), ("history", ["x"]), ("attempts", 1.5),
-              ("extra_field", 1)]
+              ("extra_field", 1), ("usage", {"wall_s": "long"}),
+              ("usage", {"wall_s": 1.0, "peak_rss_mb": 5}), ("outcome", "OOM"),
+              ("slurm", {"job_id": "1", "bogus": 1}), ("usage", {"wall_s": 1, "gpus": [1]})]
 
 
 @pytest.fixture
