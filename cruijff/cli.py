@@ -24,10 +24,11 @@ if TYPE_CHECKING:  # the CLI imports the core lazily, so `--help` stays fast
 
     from rich.console import Group, RenderableType
 
+    from cruijff.compute import Suggestion
     from cruijff.experiment import BuildRequest, Built
     from cruijff.pipeline import RunPlan
     from cruijff.runner import Experiment, Trial
-    from cruijff.summary import Summary
+    from cruijff.summary import StageStatus, Summary
 
 Selection = list[tuple["Trial", list[str]]]
 
@@ -104,7 +105,8 @@ def _build(request: BuildRequest, *, dry_run: bool, force: bool, as_json: bool) 
     if as_json:
         print(json.dumps({"name": built.name, "path": str(built.path), "dry_run": dry_run,
                           "archived": str(built.archived) if built.archived else None,
-                          "notices": built.plan.notices, "trials": rows}, indent=2))
+                          "notices": built.plan.notices, "warnings": built.warnings,
+                          "trials": rows}, indent=2))
         return built
     table = Table(title=f"{built.name}: {len(rows)} trials")
     for column in ("trial", "model", "dataset", "treatment", "control", "stages"):
@@ -115,6 +117,8 @@ def _build(request: BuildRequest, *, dry_run: bool, force: bool, as_json: bool) 
     out.print(table)
     for notice in built.plan.notices:
         out.print(f"note: {notice}", markup=False)
+    for warning in built.warnings:
+        err.print(f"warning: {warning}", markup=False, soft_wrap=True)
     if built.archived:
         out.print(f"Moved the previous experiment to {built.archived}", markup=False)
     if dry_run:
@@ -348,7 +352,8 @@ def summary(
     as_json: JsonFlag = False,
 ) -> None:
     """Did the pipeline run smoothly? Each trial and stage: state, attempts, time, where it
-    ran (Slurm job and state), and the last lines of any error.
+    ran (Slurm job and state), the last lines of any error, and what it used of what its job
+    asked for (memory, time: ▽ under 25 %, ▲ over 90 %; OUT_OF_MEMORY / TIMEOUT at a figure).
 
     Exit code 0 when every selected stage is done, 1 otherwise."""
     from cruijff.runner import load_experiment, select
@@ -390,6 +395,9 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
     table.add_column("treatment", overflow="fold")
     for stage in stages:
         table.add_column(stage, overflow="fold")
+    compute = {trial.id: _compute_cell(trial.stages) for trial in result.trials}
+    if any(compute.values()):  # records from before usage was measured: no empty column
+        table.add_column("compute", overflow="fold")
     table.add_column("prefect")
     failures = []
     for trial in result.trials:
@@ -413,6 +421,8 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
             cells.append(text)
             if status.error:
                 failures.append((trial.id, stage, status.state, status.error))
+        if any(compute.values()):
+            cells.append(compute[trial.id])
         table.add_row(trial.id, Text(trial.label), *cells, trial.prefect or "-")
     out.print(table)
     for trial_id, stage, state, error in failures:  # unwrapped: lines get copied and grepped
@@ -421,6 +431,28 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
                   soft_wrap=True)
     for notice in result.notices:
         out.print(f"note: {notice}", markup=False, soft_wrap=True)
+
+
+def _compute_cell(stages: dict[str, StageStatus]) -> str:
+    """A line per stage: what it used of what it asked for (`finetune 3.1/8G 39% · 4m/30m
+    13% ▽`), and each attempt Slurm ended for memory or time, in red with the figure it
+    reached."""
+    from rich.markup import escape
+
+    from cruijff.utilization import compute_text
+
+    lines = []
+    for stage, status in stages.items():
+        for use in status.compute_earlier:
+            if use.outcome:
+                attempt = use.attempt or "?"
+                lines.append(f"[red]{escape(f'{stage} #{attempt} {compute_text(use)}')}[/]")
+        use = status.compute
+        if use is None or not (use.measured or use.outcome or use.asked):
+            continue
+        line = escape(f"{stage} {compute_text(use)}")
+        lines.append(f"[red]{line}[/]" if use.outcome else line)
+    return "\n".join(lines)
 
 
 @app.command()
@@ -455,6 +487,113 @@ def analyze(
         out.print(f"[yellow]no results:[/] {missing.describe()}", highlight=False)
     if analysis.files:
         out.print(f"Report: {', '.join(str(f) for f in analysis.files)}", markup=False)
+
+
+@app.command("resources")
+def resources_command(
+    experiment: Annotated[Path, typer.Argument(help="the experiment to suggest profiles for")],
+    root: Annotated[list[Path] | None, typer.Option(
+        "--root", help="also learn from every experiment in this folder (repeatable)",
+        metavar="DIR")] = None,
+    store: Annotated[bool, typer.Option(
+        "--store", help="also learn from the results store (CRUIJFF_DATABASE_URL)")] = False,
+    quantile: Annotated[float, typer.Option(
+        help="the quantile of what runs used that a suggestion covers")] = 0.95,
+    memory_margin: Annotated[float, typer.Option(
+        help="memory suggested: the quantile × this")] = 1.25,
+    time_margin: Annotated[float, typer.Option(
+        help="time suggested: the quantile × this, rounded up to 5 minutes")] = 1.5,
+    min_runs: Annotated[int, typer.Option(
+        help="no suggestion from fewer runs of a model × stage")] = 5,
+    apply: Annotated[bool, typer.Option(
+        "--apply", help="write the suggestions into the experiment's config (resources.<model>"
+        ".stages.<stage>), showing the diff first and archiving the old file")] = False,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="with --apply: the config to edit (default: the one the experiment "
+        "was built from)", metavar="FILE")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="with --apply: do not ask")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """What should each model × stage ask Slurm for? From the recorded stage runs of the
+    experiment (and of --root / --store): memory and time as a high quantile of what runs
+    used × a margin, time scaled to this experiment's size, GPUs as the most a run used."""
+    from cruijff.compute import Policy, gather, plan_apply, read_target, suggest_all
+    from cruijff.config_edit import write_edit
+    from cruijff.settings import CruijffSettings
+
+    if (config is not None or yes) and not apply:
+        raise CruijffError("--config and --yes go with --apply")
+    if apply and as_json and not yes:
+        raise CruijffError("--apply with --json needs --yes (there is no one to ask)")
+    policy = Policy(quantile, memory_margin, time_margin, min_runs)
+    target = read_target(experiment)
+    url = CruijffSettings().database_url if store else None
+    if store and not url:
+        raise CruijffError("--store reads the results store CRUIJFF_DATABASE_URL names: set it")
+    history = gather([target.path], root or [], store=url)
+    suggestions = suggest_all(target, history, policy)
+    edit = None
+    if apply:
+        path = config or target.config_path
+        if path is None:
+            raise CruijffError(f"{target.path} does not say which config it was built from: "
+                               "give it with --config")
+        edit = plan_apply(path, suggestions)
+    if as_json:
+        applied = None
+        if edit is not None:
+            archived = write_edit(edit) if edit.changes else None
+            applied = {"config": str(edit.path), "changed": bool(edit.changes),
+                       "archived": str(archived) if archived else None}
+        print(json.dumps({"experiment": target.name, "policy": policy.__dict__,
+                          "experiments": history.experiments, "runs": len(history.runs),
+                          "suggestions": [s.to_dict() for s in suggestions],
+                          "applied": applied}, indent=2))
+        return
+    out.print(_suggestions_table(target.name, suggestions, history.experiments))
+    for suggestion in suggestions:
+        lines = [f"no suggestion: {suggestion.refused}"] if suggestion.refused else []
+        for note in lines + ([suggestion.basis] if suggestion.basis else []) + suggestion.notes:
+            out.print(f"{suggestion.key}/{suggestion.stage}: {note}", markup=False,
+                      soft_wrap=True)
+    if edit is None:
+        return
+    if not edit.changes:
+        out.print(f"{edit.path} already asks for what is suggested: nothing to change.",
+                  markup=False)
+        return
+    out.print(edit.diff(), markup=False, highlight=False, end="")
+    if not yes and not typer.confirm(f"Write this into {edit.path}?", default=False):
+        out.print("Nothing written.")
+        return
+    archived = write_edit(edit)
+    out.print(f"Wrote {edit.path} (the old one is at {archived}): rebuild the experiment to "
+              "use it (cruijff build ... --force).", markup=False, soft_wrap=True)
+
+
+def _suggestions_table(name: str, suggestions: list[Suggestion], experiments: int) -> Table:
+    """Model × stage: runs, and what is asked now → what is suggested."""
+    table = Table(title=f"{name}: suggested resources (from {experiments} experiment"
+                  f"{'s' if experiments != 1 else ''})")
+    for column in ("model", "stage", "runs", "mem", "time", "gres"):
+        table.add_column(column, overflow="fold")
+    for s in suggestions:
+        if s.refused:
+            table.add_row(Text(s.key), s.stage, str(s.runs),
+                          Text("no suggestion", style="yellow"), "", "")
+            continue
+        asked = s.asked
+
+        def cell(now: object, new: object, unit: str = "") -> Text:
+            shown = "-" if now is None else f"{now}{unit}"
+            if new is None:
+                return Text(shown)
+            return Text(f"{shown} → {new}{unit}", style="bold" if str(now) != str(new) else "")
+
+        table.add_row(Text(s.key), s.stage, str(s.runs),
+                      cell(asked.get("mem"), s.mem, "G"), cell(asked.get("time"), s.time),
+                      cell(asked.get("gres"), s.gres))
+    return table
 
 
 @app.command()

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -31,10 +31,22 @@ from cruijff import __version__
 from cruijff.design import Design, expand
 from cruijff.errors import CruijffError
 from cruijff.fileio import dump_yaml, load_yaml_mapping, lock_within
-from cruijff.models import ensure_model, family_of, is_local, model_folder, model_key
+from cruijff.models import (
+    ensure_model,
+    family_of,
+    is_local,
+    model_folder,
+    model_key,
+    parameter_count,
+)
 from cruijff.plan import Plan, TrialSpec
 from cruijff.registry import STAGES, file_stem
-from cruijff.settings import CruijffSettings, ExperimentConfig
+from cruijff.settings import (
+    CruijffSettings,
+    ExperimentConfig,
+    ResourceProfile,
+    describe_validation_error,
+)
 from cruijff.slurm import render_script
 from cruijff.stages import Stage, TrialContext, pipeline_stages
 from cruijff.state import RECORDS, now
@@ -64,6 +76,12 @@ class Built:
     stages: dict[str, list[str]]
     """Trial id -> names of its enabled stages."""
     archived: Path | None = None
+    profiles: dict[str, dict[str, ResourceProfile]] = field(default_factory=dict)
+    """Trial id -> stage -> what that stage asks Slurm for."""
+    sizes: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Trial id -> stage -> the size of its work (compute.stage_size)."""
+    warnings: list[str] = field(default_factory=list)
+    """Profiles that ask for much less or much more than past runs used (one line each)."""
 
 
 def validate_experiment_name(name: str) -> str:
@@ -91,6 +109,28 @@ def experiment_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def stage_profile_of(trial_config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """What one stage of a trial asks Slurm for, from the trial's config.yaml: its entry in
+    `stage_resources`, else `resources` (the trial's worker profile: an experiment built
+    before per-stage profiles, or one whose stages all ask for the same)."""
+    own = (trial_config.get("stage_resources") or {}).get(stage)
+    profile = own if isinstance(own, dict) else trial_config.get("resources")
+    return dict(profile) if isinstance(profile, dict) else {}
+
+
+def trial_stage_profile(trial_dir: Path, stage: str) -> ResourceProfile:
+    """stage_profile_of a trial folder's config.yaml, checked like the experiment config."""
+    from pydantic import ValidationError
+
+    config = trial_dir / "config.yaml"
+    try:
+        return ResourceProfile(**stage_profile_of(load_yaml_mapping(config, "trial config"),
+                                                  stage))
+    except ValidationError as exc:
+        why = describe_validation_error(exc, ResourceProfile).removeprefix(": ")
+        raise CruijffError(f"{config}: resources of stage {stage}: {why}") from None
+
+
 def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: bool = False,
                      settings: CruijffSettings | None = None) -> Built:
     settings = settings or CruijffSettings()
@@ -107,7 +147,7 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
     root = _experiment_root(request.root, probe=not dry_run)
     dest = root / name
     if dry_run:
-        return _render(request, config, task, plan, dest, model_paths)[0]
+        return _warned(_render(request, config, task, plan, dest, model_paths)[0], root)
     with _build_lock(root, name):
         if dest.exists() and not force:
             raise CruijffError(
@@ -127,8 +167,27 @@ def build_experiment(request: BuildRequest, *, dry_run: bool = False, force: boo
         folders = [f"{trial_dir_name(trial_id)}/{folder}"
                    for trial_id, names in built.stages.items()
                    for name in names for folder in STAGES[name].folders]
+        _warned(built, root)  # before the old experiment is archived: it is history too
         built.archived = _write(root, dest, files, folders, force)
         _copy_root_config(request.config_path.resolve(), root)
+    return built
+
+
+def _warned(built: Built, root: Path) -> Built:
+    """Add warnings for profiles that ask for far less or far more than past runs of the
+    same model and stage used (compute.request_warnings), when any asks for mem or time."""
+    from cruijff.compute import add_demand, build_history, request_warnings
+
+    demands: dict[tuple[str, str], Any] = {}
+    for trial in built.plan.trials:
+        for stage, profile in built.profiles.get(trial.id, {}).items():
+            add_demand(demands, model=trial.model, stage=stage, trial=trial.id,
+                       asked=profile.requests(), size=built.sizes[trial.id].get(stage, {}))
+    if not any("mem" in d.asked or "time" in d.asked for d in demands.values()):
+        return built
+    history = build_history(root)
+    built.warnings = [*history.problems,
+                      *request_warnings(list(demands.values()), history)]
     return built
 
 
@@ -170,9 +229,14 @@ def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, p
     name = dest.name
     files: dict[str, str] = {}
     stages: dict[str, list[str]] = {}
+    profiles: dict[str, dict[str, ResourceProfile]] = {}
+    sizes: dict[str, dict[str, dict[str, float]]] = {}
+    parameters = {model: parameter_count(path) for model, path in model_paths.items()}
     for trial in plan.trials:
-        stages[trial.id] = _render_trial(files, trial, config, task, dest, name,
-                                         model_paths[trial.model])
+        profiles[trial.id], sizes[trial.id] = _render_trial(
+            files, trial, config, task, dest, name, model_paths[trial.model],
+            parameters[trial.model])
+        stages[trial.id] = list(profiles[trial.id])
     files["config.yaml"] = dump_yaml({
         "name": name,
         "task": task.name,
@@ -184,12 +248,19 @@ def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, p
         "notices": plan.notices,
         "trials": [{**t.to_dict(), "label": t.label, "stages": stages[t.id]} for t in plan.trials],
     })
-    return Built(name, dest, plan, config, stages), files
+    return Built(name, dest, plan, config, stages, profiles=profiles, sizes=sizes), files
 
 
 def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentConfig,
-                  task: TaskModule, dest: Path, name: str, model_path: Path) -> list[str]:
-    """Add one trial's files (relative path -> text) and return its enabled stage names."""
+                  task: TaskModule, dest: Path, name: str, model_path: Path,
+                  parameters: int | None,
+                  ) -> tuple[dict[str, ResourceProfile], dict[str, dict[str, float]]]:
+    """Add one trial's files (relative path -> text); return each enabled stage's resource
+    profile and work size, in pipeline order. Each `<stage>.slurm` asks for its stage's
+    profile; the trial's `resources` (what its worker jobs ask for) is the most any of its
+    stages asks for, and `stage_resources` each stage's own where they differ."""
+    from cruijff.compute import stage_size
+
     folder = trial_dir_name(trial.id)
     trial_dir = dest / folder
     ctx = TrialContext(
@@ -201,8 +272,11 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
         data_path=config.data_dir / trial.dataset,
         family=family_of(trial.model),
     )
-    resources = config.resources_for(model_key(trial.model))
+    key = model_key(trial.model)
     enabled = [stage for stage in pipeline_stages(config.pipeline) if stage.enabled(trial)]
+    profiles = {stage.name: config.resources_for(key, stage.name) for stage in enabled}
+    worker = config.worker_profile(key, list(profiles))
+    sizes: dict[str, dict[str, float]] = {}
     commands = {}
     for stage in enabled:
         resolved = stage.resolve(ctx)
@@ -213,11 +287,12 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
                 f"command() derives {command} from the same config: a stage's command must "
                 "come from its command() (cruijff derives it again when it runs the stage)")
         commands[stage.name] = command  # documentation: a run never reads it back
+        sizes[stage.name] = stage_size(stage.name, resolved.data, parameters)
         stem = file_stem(stage.name)
         files[f"{folder}/{stem}.yaml"] = dump_yaml(resolved.data)
         files[f"{folder}/{stem}.slurm"] = render_script(
             job_name=f"cruijff-{name}-{trial.id}-{stage.name}",
-            resources=resources,
+            resources=profiles[stage.name],
             command=command,
             workdir=trial_dir,
             log_file=trial_dir / "logs" / f"{stem}-%j.out",
@@ -230,11 +305,14 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
         "task": task.name,
         "model_path": str(ctx.model_path),
         "data_path": str(ctx.data_path),
-        "resources": resources.model_dump(exclude_none=True),
+        "resources": worker.requests(),
+        **({"stage_resources": {s: p.requests() for s, p in profiles.items()}}
+           if any(p.requests() != worker.requests() for p in profiles.values()) else {}),
         "stages": [s.name for s in enabled],
         "commands": commands,
+        "sizes": sizes,
     })
-    return [s.name for s in enabled]
+    return profiles, sizes
 
 
 def _check_used(trials: list[TrialSpec], controls: dict[str, Any],

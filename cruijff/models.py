@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import math
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -348,3 +351,36 @@ def checkpoint_files(model_path: Path) -> list[str]:
     if not files:
         raise CruijffError(f"no *.safetensors weights in {model_path}")
     return files
+
+
+HEADER_LIMIT = 100 * 2**20
+"""Bytes: a safetensors header larger than this is no header cruijff reads."""
+
+
+def parameter_count(folder: Path) -> int | None:
+    """The parameters of a model folder's *.safetensors weights, summed from the files'
+    headers (8 bytes of length, then a JSON of tensor shapes): no tensor is read, so a 70B
+    model costs a few reads. None when there are no weights or a header cannot be read."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    total = 0
+    try:
+        for file in files:
+            with file.open("rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > HEADER_LIMIT:
+                    return None
+                header = json.loads(handle.read(length))
+            total += sum(math.prod(entry["shape"]) for name, entry in header.items()
+                         if name != "__metadata__")
+    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError):
+        return None
+    return total if files else None
+
+
+def lineage(model: str) -> str | None:
+    """The line of models that are sizes of one design (Llama 3.x, Qwen2.5), named by the
+    tokenizer their family table entries share ('llama3', 'qwen2_5'): a resource estimate
+    for one size may be scaled from another's. None for a model of no known family."""
+    family = family_of(model)
+    return family.tokenizer.rsplit(".", 1)[-1].removesuffix("_tokenizer") if family else None
+

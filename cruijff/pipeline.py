@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cruijff.attempts import FAILED_WAIT_S, grow, settle, settle_late
 from cruijff.errors import CruijffError
 from cruijff.experiment import BuildRequest, matching_experiment
 from cruijff.registry import STAGES
@@ -45,13 +46,15 @@ from cruijff.runner import (
     unfinished_trials,
     unlocked,
 )
-from cruijff.state import read_record
+from cruijff.settings import GrowPolicy
+from cruijff.state import StageRecord, read_record
 
 EXECUTORS = ("local", "slurm")
 
-Submit = Callable[[Trial, str, str, int], bool]
-"""Run one attempt of a stage (trial, stage, key, attempt number) somewhere and wait for it;
-True if its record now says done."""
+Submit = Callable[[Trial, str, str, int, dict[str, Any] | None], bool]
+"""Run one attempt of a stage (trial, stage, key, attempt number, what it asks for beyond the
+trial's profile: grow_on_oom's {"mem": GB} or None) somewhere and wait for it; True if its
+record now says done."""
 
 
 @dataclass(frozen=True)
@@ -176,24 +179,37 @@ submitted again without counting as an attempt."""
 
 
 def run_with_retries(trial: Trial, stage: str, key: str, submit: Submit, retries: int,
-                     stop: threading.Event = STOP) -> bool:
+                     stop: threading.Event = STOP, grow_on_oom: GrowPolicy | None = None,
+                     say: Callable[[str], None] = print,
+                     report: Callable[[StageRecord], None] | None = None) -> bool:
     """Submit the stage, and again after a failure, up to `retries` times; True once done.
     The retry loop lives here, not in Prefect's task engine, because that engine runs on the
     worker: when a worker is lost (a cancelled or timed-out Slurm job) its retries go too.
     Only an attempt that started counts: a stage that was waiting on a worker lost to another
-    stage's fault (Dask queues a task on a busy worker) is submitted again for free."""
+    stage's fault (Dask queues a task on a busy worker) is submitted again for free. After each
+    attempt that ran in a Slurm job, the scheduler's view of it is added to its record; one
+    that ran out of memory is retried with more if `grow_on_oom` says so (said in one line);
+    `report` is shown each such settled record (the orchestrator's view of the attempt)."""
     attempt = unstarted = 0
+    grown: dict[str, Any] | None = None
     while attempt <= retries:
         before = _run_id(trial, stage)
-        done = submit(trial, stage, key, attempt + 1)
+        done = submit(trial, stage, key, attempt + 1, grown)
         if stop.is_set():
             return False
-        if done:
-            return True
-        if _run_id(trial, stage) == before and unstarted < UNSTARTED_RESUBMITS:
+        if _run_id(trial, stage) == before and not done and unstarted < UNSTARTED_RESUBMITS:
             unstarted += 1
             continue
+        record = settle(trial, stage, wait_s=0.0 if done else FAILED_WAIT_S, grown=grown)
+        if report is not None and record is not None and record.slurm is not None:
+            report(record)
+        if done:
+            return True
         attempt += 1
+        if attempt <= retries:
+            grown, line = grow(record, grow_on_oom, grown, trial)
+            if line:
+                say(line)
     return False
 
 
@@ -204,7 +220,8 @@ def _run_id(trial: Trial, stage: str) -> str | None:
 
 
 def run_trial(experiment: Experiment, trial: Trial, stages: list[str], submit: Submit, *,
-              sharing: Sharing, retries: int, stop: threading.Event = STOP) -> dict[str, str]:
+              sharing: Sharing, retries: int, stop: threading.Event = STOP,
+              report: Callable[[StageRecord], None] | None = None) -> dict[str, str]:
     """One trial's pipeline: stage -> skipped (done with its current key), reused (another
     trial's run of a shared stage), done, or failed (the later stages do not run). Stops
     starting stages once `stop` is set."""
@@ -223,7 +240,8 @@ def run_trial(experiment: Experiment, trial: Trial, stages: list[str], submit: S
                 outcome[stage] = "reused"
                 continue
         try:
-            done = run_with_retries(trial, stage, key, submit, retries, stop)
+            done = run_with_retries(trial, stage, key, submit, retries, stop,
+                                    experiment.orchestration.grow_on_oom, report=report)
         finally:
             sharing.release(trial, stage, key)
         outcome[stage] = "done" if done else "failed"
@@ -253,6 +271,7 @@ def hold(plan: RunPlan) -> Iterator[Sharing]:
             yield Sharing(plan.selection)
         finally:  # the run's workers are gone: what they left half-recorded is settled here
             record_interrupted(plan.selection)
+            settle_late(plan.selection)
 
 
 T = TypeVar("T")
@@ -274,7 +293,8 @@ def run_in_process(plan: RunPlan) -> dict[str, dict[str, str]]:
     subprocesses of this process (plan.workers at once). Trial id -> stage outcomes."""
     slots = threading.Semaphore(plan.workers)
 
-    def submit(trial: Trial, stage: str, key: str, attempt: int) -> bool:
+    def submit(trial: Trial, stage: str, key: str, attempt: int,
+               grown: dict[str, Any] | None) -> bool:
         with slots:
             if STOP.is_set():
                 return False

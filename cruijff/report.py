@@ -20,7 +20,7 @@ import io
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,16 @@ from cruijff.store import (
     open_store,
     scoring_stage,
 )
+from cruijff.utilization import (
+    HIGH_SHARE,
+    LOW_SHARE,
+    AttemptUse,
+    duration_text,
+    memory_text,
+    share_text,
+    throughput_text,
+    with_shares,
+)
 
 FORMATS = frozenset({"md", "html", "csv"})
 REPORT_DIR = "report"
@@ -60,6 +70,7 @@ __all__ = [
     "CSV_COLUMNS",
     "FORMATS",
     "Analysis",
+    "StageCompute",
     "TrialResult",
     "analysis_table",
     "analyze",
@@ -114,6 +125,24 @@ class TrialResult:
 
 
 @dataclass
+class StageCompute:
+    """What one stage run of a trial used beside what its job asked for (from the store)."""
+
+    trial: str
+    label: str
+    stage: str
+    status: str
+    reused_from: str | None
+    use: AttemptUse
+
+    def to_dict(self) -> dict[str, Any]:
+        figures = {k: v for k, v in asdict(self.use).items() if k not in ("attempt", "status")}
+        return json_safe({"trial": self.trial, "stage": self.stage, "status": self.status,
+                          "attempts": self.use.attempt, "reused_from": self.reused_from,
+                          **figures})
+
+
+@dataclass
 class Analysis:
     experiment: str
     path: Path
@@ -125,6 +154,8 @@ class Analysis:
     load: LoadReport | None = None
     report_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
+    compute: list[StageCompute] = field(default_factory=list)
+    """Every stage run of every trial, in trial and pipeline order."""
 
     @property
     def missing(self) -> list[MissingTrial]:
@@ -144,6 +175,7 @@ class Analysis:
             "trials": [t.to_dict() for t in self.trials],
             "missing": [{"id": m.id, "label": m.label, "reason": m.reason, "detail": m.detail}
                         for m in self.missing],
+            "compute": [c.to_dict() for c in self.compute],
         })
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -235,6 +267,12 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
         wall = dict(session.execute(
             select(StageRunRow.trial_pk, func.sum(StageRunRow.duration_s))
             .where(StageRunRow.trial_pk.in_(pks)).group_by(StageRunRow.trial_pk)).all())
+        compute = [_stage_compute(trial_id, label, run) for trial_id, label, run in
+                   session.execute(select(TrialRow.trial_id, TrialRow.label, StageRunRow)
+                                   .select_from(StageRunRow)
+                                   .join(TrialRow, TrialRow.id == StageRunRow.trial_pk)
+                                   .where(TrialRow.experiment_id == exp.id)
+                                   .order_by(TrialRow.position, StageRunRow.id))]
         name = exp.name
         rows = [(t.id, t.trial_id, t.label, t.model, t.dataset, t.control, t.eval_status,
                  t.eval_detail, t.scorer, ARMS[(t.use_fine_tune, t.use_prompt_opt)])
@@ -280,7 +318,22 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
 
     binary = all(is_binary(list(s.values())) for s in scores.values()) and bool(scores)
     return Analysis(name, path, "accuracy" if binary else "mean score", confidence, results,
-                    store.url)
+                    store.url, compute=compute)
+
+
+def _stage_compute(trial_id: str, label: str, run: StageRunRow) -> StageCompute:
+    """A stage run's compute figures as cruijff.utilization reads them off a record."""
+    rss = [v for v in (run.peak_rss_mib, run.sacct_max_rss_mib) if v is not None]
+    use = AttemptUse(
+        attempt=run.attempts, status=run.status, wall_s=run.wall_s, cpu_s=run.cpu_s,
+        peak_rss_mib=max(rss) if rss else None, gpu_peak_mib=run.gpu_peak_mib,
+        asked_mem_mib=run.requested_mem_mib, asked_time_s=run.requested_time_s,
+        outcome=run.outcome, sacct_state=run.sacct_state,
+        sacct_max_rss_mib=run.sacct_max_rss_mib, throughput=dict(run.throughput or {}),
+        size=dict(run.size or {}), final=run.usage_final,
+        measured=bool(rss) or run.cpu_s is not None or run.usage_final is not None)
+    return StageCompute(trial_id, label, run.stage, run.status, run.reused_from,
+                        with_shares(use))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +508,50 @@ METHODS = (
 )
 
 
+COMPUTE_HEADERS = ["trial", "stage", "wall", "CPU", "peak RSS", "GPU peak", "asked", "use %",
+                   "outcome", "throughput"]
+COMPUTE_NOTE = (f"Use % is what a stage used of what its Slurm job asked for (memory: the most "
+                f"of cruijff's and Slurm's peak RSS; time: wall): ▽ below "
+                f"{LOW_SHARE:.0%}, ▲ above {HIGH_SHARE:.0%}. Local stages ask for nothing.")
+
+
+def _dash(text: str) -> str:
+    return text or "–"
+
+
+def compute_rows(analysis: Analysis) -> list[list[str]]:
+    """The cells of the compute table (Markdown and HTML), a row per stage run."""
+    rows = []
+    for c in analysis.compute:
+        u = c.use
+        asked = [memory_text(u.asked_mem_mib) if u.asked_mem_mib else "",
+                 duration_text(u.asked_time_s) if u.asked_time_s else ""]
+        shares = [f"mem {share_text(u.mem_share)}" if u.mem_share is not None else "",
+                  f"time {share_text(u.time_share)}" if u.time_share is not None else ""]
+        outcome = u.outcome or (f"reused from {c.reused_from}" if c.reused_from else c.status)
+        if u.final is False:
+            outcome += " (last snapshot)"
+        gpu = ""
+        if u.gpu_peak_mib:
+            gpu = (f"{u.gpus}× " if u.gpus > 1 else "") + memory_text(u.gpu_peak_mib)
+        rows.append([
+            c.trial, c.stage,
+            _dash(duration_text(u.wall_s) if u.wall_s is not None else ""),
+            _dash(duration_text(u.cpu_s) if u.cpu_s is not None else ""),
+            _dash(memory_text(u.peak_rss_mib) if u.peak_rss_mib is not None else ""), _dash(gpu),
+            _dash(" · ".join(a for a in asked if a)), _dash(" · ".join(x for x in shares if x)),
+            outcome, _dash(throughput_text(u.throughput)),
+        ])
+    return rows
+
+
+def _compute_lines(analysis: Analysis) -> list[str]:
+    if any(c.use.measured for c in analysis.compute):
+        return [COMPUTE_NOTE]
+    return ["No stage attempt was measured (records from before cruijff measured what stages "
+            "use): wall times only."]
+
+
 def report_markdown(analysis: Analysis) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
@@ -471,6 +568,11 @@ def report_markdown(analysis: Analysis) -> str:
     if analysis.missing:
         out += ["", "## Trials without results", ""]
         out += [f"- {cell(m.describe())}" for m in analysis.missing]
+    if analysis.compute:
+        out += ["", "## Compute", "", *_compute_lines(analysis), "",
+                "| " + " | ".join(COMPUTE_HEADERS) + " |",
+                "|---|---|" + "---:|" * 6 + "---|---:|"]
+        out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in compute_rows(analysis)]
     out += ["", "## Methods", "", METHODS, "",
             "Plots: report.html. Numbers: results.csv.", ""]
     return "\n".join(out)
@@ -496,6 +598,10 @@ svg text { font-size: 11px; fill: #333; }
 .significant .point { fill: #d62728; }
 .zero { stroke: #555; stroke-dasharray: 4 3; }
 .loss-curve { fill: none; stroke-width: 1.5; }
+#compute tr[data-outcome] td { color: #b00020; }
+rect.memory { fill: #1f77b4; }
+rect.memory.oom { fill: #d62728; }
+line.asked { stroke: #222; stroke-width: 2; }
 """
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -665,6 +771,123 @@ def loss_plot(analysis: Analysis) -> str:
     return "".join(parts)
 
 
+PANEL_W, PANEL_GAP = 250, 60
+"""The compute plot's two panels (wall time per stage, peak memory) side by side."""
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    return (1.0, "s") if seconds < 120 else (60.0, "min") if seconds < 7200 else (3600.0, "h")
+
+
+def _memory_unit(mib: float) -> tuple[float, str]:
+    return (1.0, "MiB") if mib < 1024 else (1024.0, "GiB")
+
+
+def _panel(left: float, hi: float, y0: float, y1: float, label: str) -> tuple[list[str], Any]:
+    """A horizontal axis from 0 to `hi` starting at x=`left`: its grid and the x mapping."""
+    def x(v: float) -> float:
+        return left + min(max(v, 0.0), hi) / hi * PANEL_W
+
+    parts = ['<g class="axis">']
+    for tick in _ticks(0.0, hi, 4):
+        parts.append(f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{y0}" '
+                     f'y2="{y1}"/><text x="{x(tick):.1f}" y="{y1 + 14}" '
+                     f'text-anchor="middle">{tick:g}</text>')
+    parts.append(f'<text x="{left + PANEL_W / 2}" y="{y1 + 30}" text-anchor="middle">'
+                 f'{html.escape(label)}</text></g>')
+    return parts, x
+
+
+def compute_plot(analysis: Analysis) -> str:
+    """Per trial: wall time of each stage (stacked bars) and the most memory a stage held
+    (a bar, with what its job asked for as a tick; red where Slurm ended it for memory)."""
+    e = html.escape
+    trials = list(dict.fromkeys(c.trial for c in analysis.compute
+                                if c.use.wall_s is not None or c.use.peak_rss_mib is not None))
+    stages = list(dict.fromkeys(c.stage for c in analysis.compute))
+    width = LEFT + 2 * PANEL_W + PANEL_GAP + RIGHT
+    height = TOP + max(1, len(trials)) * ROW_H + BOTTOM + 14 * len(stages) + 10
+    parts = [f'<svg class="plot" id="compute-plot" '
+             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    if not trials:
+        parts.append(f'<text x="{width / 2}" y="{TOP + 10}" text-anchor="middle">'
+                     'no stage has a wall time or memory figure</text></svg>')
+        return "".join(parts)
+    labels = {c.trial: c.label for c in analysis.compute}
+    runs: dict[str, list[StageCompute]] = defaultdict(list)
+    for c in analysis.compute:
+        runs[c.trial].append(c)
+    walls = {t: sum(c.use.wall_s or 0.0 for c in runs[t]) for t in trials}
+    peaks = {t: max((c for c in runs[t] if c.use.peak_rss_mib is not None),
+                    key=lambda c: c.use.peak_rss_mib or 0.0, default=None) for t in trials}
+    scale_t, unit_t = _time_unit(max(walls.values()))
+    most_mib = max([c.use.peak_rss_mib or 0.0 for c in analysis.compute]
+                   + [c.use.asked_mem_mib or 0.0 for c in peaks.values() if c])
+    scale_m, unit_m = _memory_unit(most_mib)
+    y_end = TOP + len(trials) * ROW_H
+    time_axis, xt = _panel(LEFT, max(walls.values()) / scale_t or 1.0, TOP - 6, y_end,
+                           f"wall time per stage ({unit_t})")
+    mem_left = LEFT + PANEL_W + PANEL_GAP
+    mem_axis, xm = _panel(mem_left, most_mib / scale_m or 1.0, TOP - 6, y_end,
+                          f"peak memory ({unit_m}; tick: asked)")
+    parts += time_axis + mem_axis
+    colours = {stage: PALETTE[i % len(PALETTE)] for i, stage in enumerate(stages)}
+    for i, trial in enumerate(trials):
+        y = TOP + i * ROW_H + 3
+        name = f"{trial}: {labels[trial]}"
+        parts.append(f'<g class="trial" data-trial="{e(trial)}"><text x="{LEFT - 8}" '
+                     f'y="{y + 11:.1f}" text-anchor="end">{e(_short(name))}</text>')
+        start = 0.0
+        for c in runs[trial]:
+            if not c.use.wall_s:
+                continue
+            x0, x1 = xt(start / scale_t), xt((start + c.use.wall_s) / scale_t)
+            parts.append(f'<rect class="wall" data-stage="{e(c.stage)}" x="{x0:.1f}" '
+                         f'y="{y}" width="{max(x1 - x0, 0.5):.1f}" height="{ROW_H - 6}" '
+                         f'fill="{colours[c.stage]}"><title>{e(name)}, {e(c.stage)}: '
+                         f'{duration_text(c.use.wall_s)}</title></rect>')
+            start += c.use.wall_s
+        peak = peaks[trial]
+        if peak is not None and peak.use.peak_rss_mib is not None:
+            use = peak.use
+            cls = "memory oom" if use.outcome == "OUT_OF_MEMORY" else "memory"
+            asked = f" of {memory_text(use.asked_mem_mib)} asked" if use.asked_mem_mib else ""
+            bar = max(xm(use.peak_rss_mib / scale_m) - mem_left, 0.5)
+            parts.append(f'<rect class="{cls}" data-stage="{e(peak.stage)}" x="{mem_left}" '
+                         f'y="{y}" width="{bar:.1f}" height="{ROW_H - 6}"><title>{e(name)}, '
+                         f'{e(peak.stage)}: '
+                         f'{memory_text(use.peak_rss_mib)}{asked}</title></rect>')
+            if use.asked_mem_mib:
+                xa = xm(use.asked_mem_mib / scale_m)
+                parts.append(f'<line class="asked" x1="{xa:.1f}" x2="{xa:.1f}" y1="{y - 2}" '
+                             f'y2="{y + ROW_H - 4}"/>')
+        parts.append("</g>")
+    for i, stage in enumerate(stages):
+        ly = y_end + 48 + i * 14
+        parts.append(f'<g class="legend"><rect x="{LEFT}" y="{ly - 9}" width="20" height="10" '
+                     f'fill="{colours[stage]}"/><text x="{LEFT + 26}" y="{ly}">{e(stage)}'
+                     f'</text></g>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def compute_html(analysis: Analysis) -> str:
+    """The compute section: its note, a table of every stage run, and the plot."""
+    e = html.escape
+    if not analysis.compute:
+        return ""
+    head = "".join(f"<th>{e(h)}</th>" for h in COMPUTE_HEADERS)
+    body = []
+    for c, cells in zip(analysis.compute, compute_rows(analysis), strict=True):
+        outcome = f' data-outcome="{e(c.use.outcome)}"' if c.use.outcome else ""
+        tds = "".join(f"<td>{e(cell)}</td>" for cell in cells)
+        body.append(f'<tr data-trial="{e(c.trial)}" data-stage="{e(c.stage)}"{outcome}>'
+                    f"{tds}</tr>")
+    notes = "".join(f"<p>{e(line)}</p>" for line in _compute_lines(analysis))
+    return (f"<h2>Compute</h2>{notes}<table id=\"compute\"><thead><tr>{head}</tr></thead>"
+            f"<tbody>\n{chr(10).join(body)}\n</tbody></table>\n{compute_plot(analysis)}")
+
+
 def report_html(analysis: Analysis) -> str:
     e = html.escape
     headers = "".join(f"<th>{e(h)}</th>" for h in _headers(analysis))
@@ -706,6 +929,7 @@ def report_html(analysis: Analysis) -> str:
 {diff_plot(analysis)}
 <h2>Fine-tuning loss</h2>
 {loss_plot(analysis)}
+{compute_html(analysis)}
 <h2>Methods</h2>
 <p>{e(METHODS)}</p>
 </body>

@@ -37,12 +37,14 @@ from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
 from cruijff.fileio import load_yaml_mapping, lock_within
 from cruijff.models import model_fingerprint
 from cruijff.registry import STAGES, file_stem
+from cruijff.sacct import step_name, step_prefix
 from cruijff.settings import OrchestrationConfig
 from cruijff.stages import StageFailed
 from cruijff.state import (
     RECORDS,
     STAGE_ENVIRONMENT,
     GpuUse,
+    SlurmAccounting,
     StageRecord,
     Usage,
     damaged_output,
@@ -281,7 +283,7 @@ def _die_with_parent() -> None:
     _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
+def log_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
     """The last non-empty lines of a log: what a failure summary shows."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -361,11 +363,14 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def execute_stage(trial: Trial, stage: str, key: str, *,
-                  threads: int | None = None) -> StageRecord:
+def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = None,
+                  grown: dict[str, Any] | None = None) -> StageRecord:
     """Run one stage's command, verify its outputs, and record the outcome atomically. The
     command is derived from the stage and its config (never read from the experiment's
-    files), once that config is checked to write only into the trial."""
+    files), once that config is checked to write only into the trial. It runs under
+    `cruijff.usage` (what it used goes into the record) and, inside a Slurm worker job, as its
+    own job step (so sacct accounts for this attempt alone). `grown`: what this attempt's job
+    asks for beyond the trial's profile (grow_on_oom), kept in the record."""
     command = stage_command(trial, stage)
     previous = read_record(trial.dir, stage)
     retry = previous is not None and previous.key == key
@@ -377,8 +382,8 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
         env["OMP_NUM_THREADS"] = str(threads)
     record = StageRecord(stage, key, "running", attempts, log=str(log.relative_to(trial.dir)),
                          where=where_now(), history=history,
-                         environment={k: env[k] for k in STAGE_ENVIRONMENT if k in env})
-    write_record(trial.dir, record)
+                         environment={k: env[k] for k in STAGE_ENVIRONMENT if k in env},
+                         grown=grown)
     measured = usage_path(trial.dir, stage)
     measured.unlink(missing_ok=True)
     work_path(trial.dir, stage).unlink(missing_ok=True)
@@ -386,6 +391,13 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
     if env.get("CRUIJFF_USAGE", "on") != "off":
         command = [sys.executable, "-m", "cruijff.usage", "--out", str(measured), "--",
                    *command]
+    name = step_name("cruijff", trial.dir.parent.name, trial.id, stage, f"a{attempts}",
+                     record.run_id[:8])
+    step = step_prefix(name)
+    if step:
+        record.slurm = SlurmAccounting(job_id=env["SLURM_JOB_ID"], step_name=name)
+        command = [*step, *command]
+    write_record(trial.dir, record)
     start = time.monotonic()
     with log.open("w", encoding="utf-8") as out:
         # Its own process group: a Ctrl-C reaches only cruijff, which then stops the stage
@@ -411,7 +423,7 @@ def execute_stage(trial: Trial, stage: str, key: str, *,
                         "runs it again")
     elif proc.returncode != 0:
         record.status = "failed"
-        record.error = f"exit code {proc.returncode}\n{_tail(log)}"
+        record.error = f"exit code {proc.returncode}\n{log_tail(log)}"
     else:
         config = load_yaml_mapping(STAGES[stage].config_path(trial.dir), f"{stage} config")
         try:
@@ -497,7 +509,10 @@ def _attempt_summary(record: StageRecord) -> dict[str, Any]:
         summary["outcome"] = record.outcome
     if record.usage:
         summary["wall_s"] = record.usage.wall_s
-        summary["peak_rss_mib"] = record.usage.peak_rss_mib
+    peaks = [record.usage.peak_rss_mib if record.usage else None,
+             record.slurm.max_rss_mib if record.slurm else None]
+    if any(p is not None for p in peaks):  # the launcher's or sacct's, whichever saw more
+        summary["peak_rss_mib"] = max(p for p in peaks if p is not None)
     if record.slurm and record.slurm.requested:
         summary["requested"] = record.slurm.requested
     if record.grown:

@@ -81,7 +81,9 @@ def refuse_unsafe_key(key: str) -> None:
 
 class ResourceProfile(BaseModel):
     """Slurm requests for one model (merged over `default`); the keys in PASS_THROUGH pass
-    through to sbatch, any other key is refused."""
+    through to sbatch, any other key is refused. `stages` holds overrides per stage
+    (`stages: {finetune: {mem: 16}}`), merged over the profile they are in; they never reach
+    sbatch themselves."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -94,6 +96,9 @@ class ResourceProfile(BaseModel):
     mem: PositiveInt | None = Field(None, description="memory per node, in GB")
     gres: PositiveInt | str | None = Field(
         None, description="GPUs per node (a count) or a gres spec"
+    )
+    stages: dict[str, ResourceProfile] | None = Field(
+        None, description="overrides for single stages, by stage name (finetune, eval, ...)"
     )
 
     @field_validator("time", mode="before")
@@ -118,6 +123,9 @@ class ResourceProfile(BaseModel):
 
     @model_validator(mode="after")
     def _extras(self) -> ResourceProfile:
+        for stage, profile in (self.stages or {}).items():
+            if profile.stages:
+                raise ValueError(f"stages.{stage}: a stage's profile cannot hold stages itself")
         for key, value in (self.model_extra or {}).items():
             if not SLURM_KEY.fullmatch(key):
                 raise ValueError(f"resource key {key!r} must be lowercase letters, digits and _")
@@ -129,10 +137,83 @@ class ResourceProfile(BaseModel):
         return self
 
     def merged_over(self, base: ResourceProfile) -> ResourceProfile:
-        """This profile's set values on top of base's."""
-        data = base.model_dump(exclude_none=True)
-        data.update(self.model_dump(exclude_none=True))
+        """This profile's set values on top of base's: one flat profile (no `stages`)."""
+        data = base.requests()
+        data.update(self.requests())
         return ResourceProfile(**data)
+
+    def requests(self) -> dict[str, Any]:
+        """What this profile asks Slurm for: its set values, without `stages`."""
+        return self.model_dump(exclude_none=True, exclude={"stages"})
+
+
+def slurm_seconds(value: str) -> int:
+    """Seconds in a Slurm time (SLURM_TIME): M, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
+    days, dash, rest = str(value).rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if dash:
+        hours, minutes, seconds = (*parts, 0, 0)[:3]
+    else:
+        hours, minutes, seconds = ([0] * (3 - len(parts)) + parts if len(parts) == 3
+                                   else [0, *parts, 0][:3])
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def slurm_time(seconds: float) -> str:
+    """A Slurm time for whole seconds (rounded up): HH:MM:SS, or D-HH:MM:SS from a day."""
+    days, rest = divmod(math.ceil(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}-" if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def gpu_count(gres: int | str) -> int | None:
+    """The GPUs a gres asks for: a count, or gpu[:type][:count]; None for another gres."""
+    text = str(gres)
+    if text.isdigit():
+        return int(text)
+    name, *rest = text.split(":")
+    if name != "gpu":
+        return None
+    return int(rest[-1]) if rest and rest[-1].isdigit() else 1
+
+
+def most_of(profiles: dict[str, ResourceProfile], where: str) -> ResourceProfile:
+    """The one profile that serves every stage (stage name -> its profile): the most memory,
+    time, GPUs and CPUs any of them asks for; every other key as they all set it (a key two
+    stages set differently, such as a partition, is refused: one worker job serves both)."""
+    asked = {stage: profile.requests() for stage, profile in profiles.items()}
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for values in asked.values() for k in values):
+        values = {stage: v[key] for stage, v in asked.items() if key in v}
+        distinct = list(dict.fromkeys(values.values()))
+        if len(distinct) == 1:
+            merged[key] = distinct[0]
+        elif key == "time":
+            merged[key] = max(distinct, key=slurm_seconds)
+        elif key in ("mem", "cpus_per_task"):
+            merged[key] = max(distinct)
+        elif key == "gres" and None not in (counts := [gpu_count(v) for v in distinct]):
+            most = max(counts)  # type: ignore[type-var]
+            tied = [v for v, c in zip(distinct, counts, strict=True) if c == most]
+            merged[key] = tied[0] if len(tied) == 1 else None
+        if key not in merged or merged[key] is None:
+            shown = ", ".join(f"{stage} {value}" for stage, value in values.items())
+            raise CruijffError(
+                f"{where}: the stages ask for different {key} ({shown}), and one worker job "
+                f"runs all of a trial's stages: set {key} once for the model, not per stage")
+    return ResourceProfile(**merged)
+
+
+class GrowPolicy(BaseModel):
+    """`orchestration.grow_on_oom`: a Slurm attempt that ran out of memory is retried asking
+    for `factor` times the memory, never more than `max_mem`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factor: float = Field(2.0, gt=1, le=16, allow_inf_nan=False,
+                          description="the retry asks for this many times the memory")
+    max_mem: PositiveInt = Field(description="the most memory (GB) a retry may ask for")
 
 
 class OrchestrationConfig(BaseModel):
@@ -162,6 +243,10 @@ class OrchestrationConfig(BaseModel):
     host: str | None = Field(
         None, description="slurm: the address the run's Dask scheduler listens on, instead "
         "of an interface"
+    )
+    grow_on_oom: GrowPolicy | None = Field(
+        None, description="slurm: retry an attempt that ran OUT_OF_MEMORY with more memory "
+        "({factor: 2, max_mem: 64}); off by default"
     )
 
     @field_validator("interface", "host", mode="before")
@@ -243,6 +328,9 @@ class ExperimentConfig(BaseSettings):
             raise CruijffError(f"{path}: {describe_validation_error(exc, cls)}") from None
         except SettingsError as exc:
             raise environment_error(exc) from None
+        problem = config.stage_profile_problem()
+        if problem:
+            raise CruijffError(f"{path}: {problem}")
         return config.resolved_against(path.parent)
 
     def resolved_against(self, folder: Path) -> ExperimentConfig:
@@ -253,11 +341,40 @@ class ExperimentConfig(BaseSettings):
                 updates[name] = (folder / Path(value).expanduser()).resolve()
         return self.model_copy(update=updates)
 
-    def resources_for(self, profile: str) -> ResourceProfile:
-        """The `default` profile with the model's entry (if any) on top."""
+    def resources_for(self, profile: str, stage: str | None = None) -> ResourceProfile:
+        """What one model's stage asks for (without a stage: the model's own profile), flat:
+        `default` < `default.stages[stage]` < the model's entry < its `stages[stage]`."""
         default = self.resources["default"]
         specific = self.resources.get(profile)
-        return specific.merged_over(default) if specific else default
+        layers = [default, specific]
+        if stage is not None:
+            layers = [default, (default.stages or {}).get(stage),
+                      specific, ((specific.stages or {}) if specific else {}).get(stage)]
+        merged = ResourceProfile()
+        for layer in layers:
+            if layer is not None:
+                merged = layer.merged_over(merged)
+        return merged
+
+    def worker_profile(self, profile: str, stages: list[str]) -> ResourceProfile:
+        """What the worker jobs of a trial running `stages` ask for: one Dask worker job runs
+        all of a trial's stages one after another, so it asks for the most any of them asks
+        for, field by field (mem, time, gres count, cpus_per_task; see most_of)."""
+        if not stages:
+            return self.resources_for(profile)
+        return most_of({s: self.resources_for(profile, s) for s in stages},
+                       f"resources.{profile}")
+
+    def stage_profile_problem(self) -> str | None:
+        """A stage named under `resources.<profile>.stages` that the pipeline does not run
+        (it would be silently ignored), as one line; None when there is none."""
+        for name, profile in self.resources.items():
+            for stage in profile.stages or {}:
+                if stage not in self.pipeline:
+                    return (f"resources.{name}.stages.{stage}: the pipeline has no stage "
+                            f"{stage!r} ({', '.join(self.pipeline)})"
+                            f"{did_you_mean(stage, self.pipeline)}")
+        return None
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

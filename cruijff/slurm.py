@@ -40,8 +40,9 @@ def _checked(key: str, value: object) -> str:
 
 
 def sbatch_options(resources: ResourceProfile) -> list[str]:
-    """`--key=value` options for a profile, in a stable order (known keys, then the rest)."""
-    values = resources.model_dump(exclude_none=True)
+    """`--key=value` options for a profile, in a stable order (known keys, then the rest);
+    its per-stage overrides (`stages`) are never options."""
+    values = resources.requests()
     options = [f"--{key.replace('_', '-')}={_checked(key, values[key])}"
                for key in _KNOWN if key in values]
     if "mem" in values:

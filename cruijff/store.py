@@ -59,8 +59,9 @@ from cruijff.fileio import load_yaml_mapping
 from cruijff.registry import DEFAULT_PIPELINE, STAGES
 from cruijff.state import StageRecord, read_record
 from cruijff.urls import mask_url
+from cruijff.utilization import AttemptUse, attempt_use
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 DEFAULT_FILE = "results.sqlite"
 
 __all__ = [
@@ -149,6 +150,21 @@ class StageRunRow(Base):
     finished: Mapped[str | None] = mapped_column(String(64))
     reused_from: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
+    # What the attempt used and asked for (cruijff.utilization; None where not known). Both
+    # memory views are kept: the launcher's (peak_rss_mib) and Slurm's (sacct_max_rss_mib).
+    wall_s: Mapped[float | None] = mapped_column(Float)
+    cpu_s: Mapped[float | None] = mapped_column(Float)
+    peak_rss_mib: Mapped[float | None] = mapped_column(Float)
+    gpu_peak_mib: Mapped[float | None] = mapped_column(Float)
+    requested_mem_mib: Mapped[float | None] = mapped_column(Float)
+    requested_time_s: Mapped[float | None] = mapped_column(Float)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    sacct_state: Mapped[str | None] = mapped_column(String(32))
+    sacct_max_rss_mib: Mapped[float | None] = mapped_column(Float)
+    throughput: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    size: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    usage_final: Mapped[bool | None] = mapped_column(Boolean)
+    """False: the figures are the last snapshot of an attempt killed before its totals."""
 
 
 class MetricRow(Base):
@@ -457,7 +473,7 @@ def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
             "stage": stage, "status": record.status, "attempts": record.attempts,
             "duration_s": _number(record.duration_s), "where": record.where, "key": record.key,
             "run_id": record.run_id, "started": record.started, "finished": record.finished,
-            "reused_from": record.reused_from, "error": record.error,
+            "reused_from": record.reused_from, "error": record.error, **_use_columns(record),
         })
         for metric, value in record.metrics.items():
             children[MetricRow].append({"stage": stage, "name": str(metric),
@@ -491,6 +507,18 @@ def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
         columns["eval_log"] = record.outputs[0]
         gathered.log = trial_dir / record.outputs[0]
     return gathered
+
+
+def _use_columns(record: StageRecord) -> dict[str, Any]:
+    """A stage run's compute columns (all None for a stage reused from another trial)."""
+    use = attempt_use(record) or AttemptUse()
+    return {"wall_s": use.wall_s, "cpu_s": use.cpu_s,
+            "peak_rss_mib": _number(record.usage.peak_rss_mib)
+            if record.usage and not record.reused_from else None,
+            "gpu_peak_mib": use.gpu_peak_mib, "requested_mem_mib": use.asked_mem_mib,
+            "requested_time_s": use.asked_time_s, "outcome": use.outcome,
+            "sacct_state": use.sacct_state, "sacct_max_rss_mib": use.sacct_max_rss_mib,
+            "throughput": use.throughput, "size": use.size, "usage_final": use.final}
 
 
 def scoring_stage(stages: list[str]) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any
 from cruijff.fileio import json_safe
 from cruijff.runner import DONE_STATES, Experiment, Trial, trial_states, unlocked
 from cruijff.slurm import QueuedJob, job_states, slurm_waits
+from cruijff.utilization import AttemptUse, attempt_use, earlier_uses
 
 
 @dataclass
@@ -22,6 +23,10 @@ class StageStatus:
     """'<job id>: <Slurm state>' for each attempt that ran in a Slurm job."""
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    compute: AttemptUse | None = None
+    """What the last attempt used beside what it asked for (None: reused, or no record)."""
+    compute_earlier: list[AttemptUse] = field(default_factory=list)
+    """Earlier attempts that left a figure or an outcome (an OUT_OF_MEMORY before a retry)."""
 
 
 @dataclass
@@ -77,7 +82,8 @@ def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) 
                 where=record.where if not record.reused_from else f"trial {record.reused_from}",
                 slurm=[f"{j}: {slurm.get(j, 'unknown')}"
                        for j in _slurm_jobs(record.where, record.history)],
-                error=status.detail or record.error, metrics=record.metrics)
+                error=status.detail or record.error, metrics=record.metrics,
+                compute=attempt_use(record), compute_earlier=earlier_uses(record))
         trials.append(TrialStatus(trial.id, trial.label, statuses))
     summary = Summary(experiment.name, running, trials)
     if running or experiment.orchestration.executor == "slurm":

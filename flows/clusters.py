@@ -2,7 +2,11 @@
 
 A SLURMCluster has one resource shape, so trials are grouped by their (merged) resource
 profile; each group gets its own cluster of worker jobs, scaled adaptively up to
-`orchestration.max_jobs`. One worker per job, one stage at a time per worker.
+`orchestration.max_jobs`. One worker per job, one stage at a time per worker. A worker job
+runs all the stages of the trials it serves, so a trial's profile (its config.yaml's
+`resources`, written by the build) is the most its stages' own profiles ask for, field by
+field (mem, time, gres count, cpus_per_task: settings.ExperimentConfig.worker_profile);
+each stage's own profile is in `stage_resources` and in its `<stage>.slurm` script.
 
 Worker jobs are submitted with bounded retries (`orchestration.submit_retries` within
 `submit_timeout_s`): dask-jobqueue itself only logs a failed sbatch, and the run would wait
@@ -29,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +46,7 @@ from distributed.deploy.cluster import Cluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 
+from cruijff.attempts import trial_profile
 from cruijff.runner import STOP, Experiment, Trial
 from cruijff.settings import OrchestrationConfig, ResourceProfile
 from cruijff.slurm import SlurmSubmitError, queued_jobs, sbatch_options, worker_job_name
@@ -73,20 +78,9 @@ class KeepBusyWorkers(SchedulerPlugin):
 
 
 def profile_of(trial: Trial) -> ResourceProfile:
-    from pydantic import ValidationError
-
-    from cruijff.errors import CruijffError
-    from cruijff.fileio import load_yaml_mapping
-    from cruijff.settings import describe_validation_error
-
-    config = trial.dir / "config.yaml"
-    data = load_yaml_mapping(config, f"trial {trial.id} config")
-    try:  # an edited trial config gets the checks the experiment config got at build
-        return ResourceProfile(**data.get("resources", {}))
-    except (ValidationError, TypeError) as exc:
-        why = (describe_validation_error(exc, ResourceProfile).removeprefix(": ")
-               if isinstance(exc, ValidationError) else "must be a mapping")
-        raise CruijffError(f"{config}: resources: {why}") from None
+    """The profile of a trial's worker jobs: the most its stages ask for (the build writes it
+    as `resources`; an experiment built before per-stage profiles has only that one)."""
+    return trial_profile(trial)
 
 
 def group_by_profile(trials: list[Trial]) -> dict[str, tuple[ResourceProfile, list[Trial]]]:
@@ -95,7 +89,7 @@ def group_by_profile(trials: list[Trial]) -> dict[str, tuple[ResourceProfile, li
     names: dict[str, str] = {}
     for trial in trials:
         profile = profile_of(trial)
-        shape = json.dumps(profile.model_dump(exclude_none=True), sort_keys=True)
+        shape = json.dumps(profile.requests(), sort_keys=True)
         if shape not in names:
             names[shape] = f"profile{len(names) + 1}"
             groups[names[shape]] = (profile, [])
@@ -263,7 +257,7 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile,
     traffic TLS with certificates made for it in `tls_dir` (a folder only the user reads)."""
     from dask_jobqueue import SLURMCluster
 
-    values = profile.model_dump(exclude_none=True)
+    values = profile.requests()
     cpus = int(values.get("cpus_per_task", 1))
     directives = [o for o in sbatch_options(profile) if not o.startswith(SET_BY_JOBQUEUE)]
     log_dir = slurm_log_dir(experiment)
@@ -283,7 +277,9 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile,
             walltime=values.get("time"),
             job_extra_directives=directives,
             job_directives_skip=["--cpus-per-task"] if "cpus_per_task" in values else [],
-            job_script_prologue=[f"export OMP_NUM_THREADS={cpus}"],
+            # CRUIJFF_STAGE_STEP: each stage attempt runs as its own srun step, so sacct
+            # accounts for it alone (cruijff.sacct.step_prefix)
+            job_script_prologue=[f"export OMP_NUM_THREADS={cpus}", "export CRUIJFF_STAGE_STEP=1"],
             worker_extra_args=["--resources", f"{STAGE_SLOT}=1", "--no-dashboard",
                                "--dashboard-address", LOOPBACK_HTTP],
             log_directory=str(log_dir),
@@ -305,9 +301,21 @@ class Endpoint:
     security: Security | None = None
 
 
+class Endpoints(dict[str, Endpoint]):
+    """Trial id -> its cluster's endpoint; on Slurm also `grown(trial, extra)`: the endpoint
+    of a cluster whose worker jobs ask for the trial's profile with `extra` on top (an
+    attempt grow_on_oom retries with more memory), started on first use, closed with the
+    run's other clusters."""
+
+    def __init__(self, grown: Callable[[Trial, dict[str, Any]], Endpoint] | None = None
+                 ) -> None:
+        super().__init__()
+        self.grown = grown
+
+
 @contextmanager
 def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, workers: int,
-             max_jobs: int) -> Iterator[dict[str, Endpoint]]:
+             max_jobs: int) -> Iterator[Endpoints]:
     """Start the clusters of a run; yields trial id -> its cluster's scheduler endpoint."""
     with ExitStack() as stack, dask.config.set(DASK_CONFIG):
         if executor == "local":
@@ -322,8 +330,10 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
                 n_workers=workers, threads_per_worker=1, processes=False,
                 resources={STAGE_SLOT: 1}, dashboard_address=LOOPBACK_HTTP,
                 worker_dashboard_address=LOOPBACK_HTTP, silence_logs=logging.ERROR))
-            yield dict.fromkeys((trial.id for trial in trials),
-                                Endpoint(cluster.scheduler_address))
+            local = Endpoints()
+            local.update(dict.fromkeys((trial.id for trial in trials),
+                                       Endpoint(cluster.scheduler_address)))
+            yield local
             return
         if shutil.which("sbatch") is None:
             raise SlurmSubmitError(NO_SBATCH)
@@ -338,7 +348,23 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
         stack.callback(_jobs_gone_after_a_stop, experiment.name)  # after the clusters close
         tls_dir = Path(tempfile.mkdtemp(prefix=".tls-", dir=log_dir))  # mode 0700
         stack.callback(shutil.rmtree, tls_dir, True)
-        addresses = {}
+        grown_clusters: dict[str, Endpoint] = {}
+        grown_lock = threading.Lock()
+
+        def grown(trial: Trial, extra: dict[str, Any]) -> Endpoint:
+            profile = profile_of(trial).model_copy(update=extra)
+            shape = json.dumps(profile.requests(), sort_keys=True)
+            with grown_lock:
+                if shape not in grown_clusters:
+                    name = f"grown{len(grown_clusters) + 1}"
+                    cluster = stack.enter_context(slurm_cluster(
+                        experiment, name, profile, submitter, tls_dir=tls_dir))
+                    cluster.adapt(minimum=0, maximum=max_jobs)
+                    grown_clusters[shape] = Endpoint(cluster.scheduler_address,
+                                                     cluster.security)
+                return grown_clusters[shape]
+
+        addresses = Endpoints(grown)
         for name, (profile, members) in group_by_profile(trials).items():
             cluster = stack.enter_context(slurm_cluster(experiment, name, profile, submitter,
                                                         tls_dir=tls_dir))

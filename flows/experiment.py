@@ -7,13 +7,15 @@ this file only maps it onto Prefect runs (history, tags, names, the UI) and Dask
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 import dask
-from cruijff.flows.clusters import STAGE_SLOT, clusters, wait_for_stage
-from prefect import flow, tags, task
+from cruijff.flows.clusters import STAGE_SLOT, Endpoints, clusters, wait_for_stage
+from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import create_table_artifact
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelled, State
 from prefect_dask import DaskTaskRunner
@@ -29,6 +31,8 @@ from cruijff.pipeline import (
 )
 from cruijff.runner import STOP, STOP_GRACE_S, Trial, execute_stage, load_experiment, summarize
 from cruijff.slurm import SlurmSubmitError
+from cruijff.state import StageRecord
+from cruijff.utilization import attempt_use, use_line, use_row
 
 
 class StageFailedError(CruijffError):
@@ -39,6 +43,8 @@ class StageFailedError(CruijffError):
 _RUNS: dict[str, Sharing] = {}
 """The sharing table of each run in this process, by run id: trial subflows take parameters
 Prefect can store, so they look theirs up here."""
+_ENDPOINTS: dict[str, Endpoints] = {}
+"""The clusters of each run in this process, by run id (as _RUNS)."""
 
 SERVER_BUSY_PAUSES_S = (10.0, 30.0)
 
@@ -56,13 +62,46 @@ def _start_trial(subflow: Any, *args: Any) -> str:
     return subflow(*args, return_state=True).type.value
 
 
-def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: int) -> dict:
-    trial = load_experiment(Path(experiment)).trial(trial_id)
+def artifact_key(experiment: str, trial_id: str, stage: str) -> str:
+    """`compute-<experiment>-<trial>-<stage>` as Prefect keys must be: lowercase letters,
+    digits and dashes (each attempt is a new version of the stage's artifact)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{experiment}-{trial_id}-{stage}".lower()).strip("-")
+    return f"compute-{slug[:150]}"
+
+
+def _show_use(experiment: str, trial_id: str, record: StageRecord) -> None:
+    """What the attempt used, as one line in the task run's log and a one-row table artifact.
+    Only a view: a Prefect error (a busy server's HTTP 503) is logged, never fails the stage."""
+    use = attempt_use(record)
+    if use is None:
+        return
     try:
-        record = execute_stage(trial, stage, key, threads=threads)
+        logger = get_run_logger()
+        logger.info("trial %s %s used: %s", trial_id, record.stage, use_line(use))
+    except Exception:  # no run context (called outside a task run): nothing to log to
+        return
+    if STOP.is_set():  # stopping: no call that a busy server could hold up
+        return
+    try:
+        create_table_artifact([use_row(trial_id, record.stage, use)],
+                              key=artifact_key(experiment, trial_id, record.stage),
+                              description=f"What trial {trial_id} {record.stage} attempt "
+                              f"{record.attempts} used, and what its job asked for")
+    except Exception as exc:
+        logger.warning("no compute artifact for trial %s %s: %s", trial_id, record.stage,
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: int,
+               grown: dict[str, Any] | None = None) -> dict:
+    exp = load_experiment(Path(experiment))
+    trial = exp.trial(trial_id)
+    try:
+        record = execute_stage(trial, stage, key, threads=threads, grown=grown)
     except OSError as exc:  # a full disk, a folder made read-only mid-run
         raise StageFailedError(f"{stage} of trial {trial_id} could not write its log or "
                                f"record: {exc}") from None
+    _show_use(exp.name, trial_id, record)
     if record.status != "done":
         raise StageFailedError(f"{stage} of trial {trial_id} failed: {record.error}")
     return summarize(record)
@@ -75,33 +114,56 @@ def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: in
 run_stage = task(name="stage")(_run_stage)
 
 
-def _submitter(experiment: str, threads: int) -> Any:
+def _submitter(experiment: str, threads: int, endpoints: Endpoints) -> Any:
     """cruijff.pipeline's seam: an attempt of a stage is a Prefect task on the trial's Dask
-    cluster, named and tagged for the UI."""
-    def submit(trial: Trial, stage: str, key: str, attempt: int) -> bool:
-        # The annotation is read in the thread that submits: here, not around the run.
-        with dask.annotate(resources={STAGE_SLOT: 1}):
-            future = run_stage.with_options(
-                task_run_name=f"trial-{trial.id}-{stage}" + (
-                    f"-retry{attempt - 1}" if attempt > 1 else ""),
-                tags=[f"stage:{stage}"],
-            ).submit(experiment, trial.id, stage, key, threads)
-        wait_for_stage(future, experiment, stop=STOP)  # raises if no Slurm job can be submitted
-        if STOP.is_set():
-            # A local stage was just stopped and records that; a Slurm stage ends with its
-            # worker job, which closing the run's clusters cancels.
-            future.wait(timeout=STOP_GRACE_S + 5)
-            return False
-        return future.state.is_completed()
+    cluster, named and tagged for the UI. An attempt grow_on_oom gives more memory runs on a
+    cluster of that shape, as a subflow of the trial's (its own task runner)."""
+    def submit(trial: Trial, stage: str, key: str, attempt: int,
+               grown: dict[str, Any] | None) -> bool:
+        name = f"trial-{trial.id}-{stage}" + (f"-retry{attempt - 1}" if attempt > 1 else "")
+        if grown and endpoints.grown is not None:
+            endpoint = endpoints.grown(trial, grown)
+            runner = DaskTaskRunner(address=endpoint.address,
+                                    client_kwargs={"security": endpoint.security})
+            state = grown_flow.with_options(
+                flow_run_name=f"{name}-" + "-".join(f"{k}{v}" for k, v in grown.items()),
+                task_runner=runner,
+            )(experiment, trial.id, stage, key, threads, grown, name, return_state=True)
+            return state.is_completed() and state.result(raise_on_failure=False) is True
+        return _attempt(experiment, trial.id, stage, key, threads, None, name)
 
     return submit
+
+
+def _attempt(experiment: str, trial_id: str, stage: str, key: str, threads: int,
+             grown: dict[str, Any] | None, name: str) -> bool:
+    """Submit one attempt as a stage task to the current flow's task runner; wait for it."""
+    # The annotation is read in the thread that submits: here, not around the run.
+    with dask.annotate(resources={STAGE_SLOT: 1}):
+        future = run_stage.with_options(
+            task_run_name=name,
+            tags=[f"stage:{stage}"] + ([f"grown:{k}={v}" for k, v in grown.items()]
+                                       if grown else []),
+        ).submit(experiment, trial_id, stage, key, threads, grown)
+    wait_for_stage(future, experiment, stop=STOP)  # raises if no Slurm job can be submitted
+    if STOP.is_set():
+        # A local stage was just stopped and records that; a Slurm stage ends with its
+        # worker job, which closing the run's clusters cancels.
+        future.wait(timeout=STOP_GRACE_S + 5)
+        return False
+    return future.state.is_completed()
+
+
+grown_flow = flow(name="cruijff-grown-attempt")(_attempt)
 
 
 def _trial(experiment: str, trial_id: str, stages: list[str], run_id: str,
            threads: int = 1, retries: int = 1) -> dict[str, str] | State:
     """One trial's pipeline (cruijff.pipeline.run_trial) as a Prefect subflow."""
     exp = load_experiment(Path(experiment))
-    outcome = run_trial(exp, exp.trial(trial_id), stages, _submitter(experiment, threads),
+    outcome = run_trial(exp, exp.trial(trial_id), stages,
+                        _submitter(experiment, threads, _ENDPOINTS.get(run_id, Endpoints())),
+                        report=lambda record: _show_use(exp.name, trial_id, record),
                         sharing=_RUNS[run_id], retries=retries)
     ending = trial_ending(outcome, stages)
     if ending == "stopped":
@@ -131,6 +193,7 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
             with clusters(exp, [t for t, _ in plan.selection], executor=plan.executor,
                           workers=plan.workers, max_jobs=exp.orchestration.max_jobs
                           ) as addresses:
+                _ENDPOINTS[run_id] = addresses
 
                 def start(trial: Trial, stages: list[str]) -> str:
                     with tags(f"trial:{trial.id}"):
@@ -150,6 +213,7 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
                 states = run_concurrently(plan.selection, start, 2 * slots)
         finally:
             _RUNS.pop(run_id, None)
+            _ENDPOINTS.pop(run_id, None)
     if STOP.is_set():
         return Cancelled(message="stopped by the user (Ctrl-C or SIGTERM): `cruijff run` "
                          "resumes the experiment")

@@ -167,3 +167,23 @@ def write_eval_log_file(location: Path, scores: Sequence[float | str],
     )
     location.parent.mkdir(parents=True, exist_ok=True)
     write_eval_log(log, str(location))
+
+
+def record_usage(trial_dir: Path, stage: str, *, usage: dict[str, Any] | None = None,
+                 slurm: dict[str, Any] | None = None, outcome: str | None = None,
+                 history: list[dict[str, Any]] | None = None) -> None:
+    """Give a stage's record chosen compute figures, as the launcher and sacct would leave them
+    (`usage` as cruijff.state.Usage's fields, `slurm` as SlurmAccounting's)."""
+    from cruijff.state import GpuUse, SlurmAccounting, Usage, read_record
+
+    record = read_record(trial_dir, stage)
+    assert record is not None, f"{trial_dir} has no {stage} record"
+    if usage is not None:
+        gpus = [GpuUse(**g) for g in usage.get("gpus", [])]
+        record.usage = Usage(**{**usage, "gpus": gpus})
+    if slurm is not None:
+        record.slurm = SlurmAccounting(**slurm)
+    record.outcome = outcome  # type: ignore[assignment]
+    if history is not None:
+        record.history = history
+    write_record(trial_dir, record)

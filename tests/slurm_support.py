@@ -223,3 +223,26 @@ def wait_for(condition, timeout: float, what: str):
             return value
         time.sleep(0.5)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+ACCOUNTING_HINT = ("start Slurm with accounting: bash scripts/slurm/start.sh (as root, without "
+                   "CRUIJFF_SLURM_ACCOUNTING=0)")
+
+
+def slurm_accounting_unavailable_reason() -> str | None:
+    """None when sacct reads slurmdbd here (each step's State, MaxRSS, TotalCPU), else why not."""
+    reason = slurm_unavailable_reason()
+    if reason is not None:
+        return reason
+    proc = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True,
+                          text=True, timeout=30)
+    if proc.returncode != 0:
+        return f"sacct failed: {(proc.stderr or proc.stdout).strip()[:300]}"
+    return None
+
+
+def require_slurm_accounting() -> None:
+    """Skip the current test when sacct has no slurmdbd; fail instead if CRUIJFF_REQUIRE_SLURM=1
+    (CI's Slurm has accounting)."""
+    require_service("Slurm accounting", slurm_accounting_unavailable_reason(),
+                    "CRUIJFF_REQUIRE_SLURM", ACCOUNTING_HINT)

@@ -193,3 +193,145 @@ def test_eval_checkpoint_picks_an_epoch_of_the_fine_tune(cli, project):
               "--dataset", "d.json", "--treatment", "eval.checkpoint=../x", "--name", "f",
               cwd=project.experiments)
     assert bad.code == 2 and "must be 'final' or 'epoch_<N>'" in bad.err
+
+
+# --- Per-stage resource profiles, work sizes, and warnings from past runs ---------------------
+
+
+def _build_json(cli, project, *extra):
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--name", "e", *extra, "--json",
+                 cwd=project.experiments)
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+STAGED = """
+model_dir: models
+data_dir: data
+tasks_dir: tasks
+resources:
+  default:
+    time: "00:30:00"
+    account: cses
+    stages:
+      eval: {time: "00:10:00"}
+  cruijff__tiny-llama-random:
+    mem: 8
+    gres: 1
+    stages:
+      finetune: {mem: 16, time: "02:00:00"}
+"""
+
+
+def test_each_stage_script_asks_for_its_stage_profile_and_the_worker_for_the_most(cli,
+                                                                                project):
+    project.write_config(STAGED)
+    _build_json(cli, project)
+    trial = project.experiments / "e" / "trial-a"
+    finetune, evaluation = ((trial / f"{s}.slurm").read_text() for s in ("finetune", "eval"))
+    assert "#SBATCH --mem=16G" in finetune and "#SBATCH --time=02:00:00" in finetune
+    assert "#SBATCH --mem=8G" in evaluation and "#SBATCH --time=00:10:00" in evaluation
+    assert "stages" not in finetune + evaluation
+    config = load(trial / "config.yaml")
+    # one worker job runs both stages: it asks for the most of each field
+    assert config["resources"] == {"time": "02:00:00", "account": "cses", "mem": 16, "gres": 1}
+    assert config["stage_resources"] == {
+        "finetune": {"time": "02:00:00", "account": "cses", "mem": 16, "gres": 1},
+        "eval": {"time": "00:10:00", "account": "cses", "mem": 8, "gres": 1}}
+    from cruijff.experiment import trial_stage_profile
+
+    assert trial_stage_profile(trial, "eval").mem == 8
+
+
+def test_without_stage_overrides_the_trial_config_keeps_its_one_profile(cli, project):
+    _build_json(cli, project)
+    config = load(project.experiments / "e" / "trial-a" / "config.yaml")
+    assert config["resources"] == {"nodes": 1, "ntasks_per_node": 1, "time": "00:30:00",
+                                   "account": "cses", "mem": 8, "gres": 1}
+    assert "stage_resources" not in config
+
+
+CONFIG_WITH_STAGES = """
+model_dir: models
+data_dir: data
+tasks_dir: tasks
+resources:
+  cruijff__tiny-llama-random:
+    mem: 8
+    stages: {stages}
+"""
+
+
+@pytest.mark.parametrize(("stages", "words"), [
+    ("{fintune: {mem: 16}}", "resources.cruijff__tiny-llama-random.stages.fintune: the "
+     "pipeline has no stage 'fintune' (finetune, prompt_opt, eval) (did you mean 'finetune'?)"),
+    ("{finetune: {partition: gpu}, eval: {partition: cpu}}",
+     "the stages ask for different partition (finetune gpu, eval cpu)"),
+    ("{finetune: {stages: {eval: {}}}}", "a stage's profile cannot hold stages itself"),
+])
+def test_stage_profiles_that_cannot_work_are_refused_in_one_line(cli, project, stages, words):
+    project.write_config(CONFIG_WITH_STAGES.format(stages=stages))
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", cwd=project.experiments)
+    assert result.code == 2 and words in result.err and len(result.err.splitlines()) == 1
+
+
+
+
+def test_each_trial_records_the_size_of_its_stages_work(cli, project, tiny_random_model):
+    from safetensors import safe_open
+
+    _build_json(cli, project, "--treatment", "finetune.epochs=2")
+    with safe_open(next(tiny_random_model.glob("*.safetensors")), "pt") as weights:
+        names = list(weights.keys())
+        parameters = sum(weights.get_tensor(name).numel() for name in names)
+    control, treated = (load(project.experiments / "e" / f"trial-{t}" / "config.yaml")["sizes"]
+                        for t in "ab")
+    finetune = load(project.experiments / "e" / "trial-a" / "finetune.yaml")
+    # the toy dataset: one 'train' record, no 'test' record
+    assert control == {
+        "finetune": {"epochs": finetune["epochs"], "train_examples": 1,
+                     "batch_size": finetune["batch_size"], "parameters": parameters},
+        "eval": {"eval_samples": 0, "parameters": parameters}}
+    assert treated["finetune"]["epochs"] == 2
+
+
+def _past_runs(root, memory_gib, wall_s, n=3):
+    from compute_support import Attempt, write_experiment
+
+    for i in range(n):
+        write_experiment(root, f"past-{i}", TINY, [
+            Attempt("finetune", wall_s - i, (memory_gib - i * 0.5) * 1024),
+            Attempt("eval", 60 - i, (0.5 - i * 0.1) * 1024)])
+
+
+def test_build_warns_of_a_profile_that_asks_for_less_than_past_runs_used(cli, project):
+    _past_runs(project.experiments, memory_gib=11, wall_s=2400)
+    built = _build_json(cli, project)
+    assert ("cruijff__tiny-llama-random/finetune asks mem 8G, but past-0/trial-a "
+            "(2026-11-30) used 11.0G: likely OUT_OF_MEMORY") in built["warnings"]
+    assert ("cruijff__tiny-llama-random/finetune asks time 00:30:00, but past-0/trial-a "
+            "(2026-11-30) took 00:40:00: likely TIMEOUT") in built["warnings"]
+    result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+                 "--dataset", "d.json", "--dry-run", cwd=project.experiments)
+    assert result.code == 0
+    assert "warning: cruijff__tiny-llama-random/finetune asks mem 8G" in result.err
+
+
+def test_build_warns_of_a_profile_that_asks_for_far_more_than_past_runs_used(cli, project):
+    _past_runs(project.experiments, memory_gib=1.5, wall_s=100)
+    built = _build_json(cli, project)
+    assert built["warnings"] == [
+        "cruijff__tiny-llama-random/finetune asks mem 8G, over 4× the most a run used: "
+        "past-0/trial-a (2026-11-30) used 1.5G: likely waste",
+        "cruijff__tiny-llama-random/finetune asks time 00:30:00, over 4× the longest a run "
+        "took: past-0/trial-a (2026-11-30) took 00:01:40: likely waste",
+        "cruijff__tiny-llama-random/eval asks mem 8G, over 4× the most a run used: "
+        "past-0/trial-a (2026-11-30) used 0.5G: likely waste",
+        "cruijff__tiny-llama-random/eval asks time 00:30:00, over 4× the longest a run took: "
+        "past-0/trial-a (2026-11-30) took 00:01:00: likely waste"]
+
+
+def test_build_without_history_warns_of_nothing(cli, project):
+    assert _build_json(cli, project)["warnings"] == []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from postgres_support import fresh_database, require_postgres
-from results_support import SyntheticTrial, make_experiment
+from results_support import SyntheticTrial, make_experiment, record_usage
 from rich.console import Console
 
 from cruijff.analysis import compare, holm, mean_estimate
@@ -140,7 +140,7 @@ def test_unknown_format_and_not_an_experiment(experiment: Path, tmp_path: Path) 
         analyze(tmp_path)
 
 
-def test_html_is_self_contained_with_three_plots(experiment: Path, tmp_path: Path) -> None:
+def test_html_is_self_contained_with_its_plots(experiment: Path, tmp_path: Path) -> None:
     out = tmp_path / "elsewhere"
     analysis = analyze(experiment, output=out)
     assert analysis.report_dir == out.resolve()
@@ -150,8 +150,8 @@ def test_html_is_self_contained_with_three_plots(experiment: Path, tmp_path: Pat
     assert "<script" not in page.lower() and "<link" not in page.lower()
     assert "url(" not in page  # no fonts or images pulled in by CSS
     plots = re.findall(r'<svg class="plot" id="([a-z-]+)"', page)
-    assert plots == ["metric-plot", "diff-plot", "loss-plot"]
-    metric, diff, loss = (page.split(f'id="{p}"')[1].split("</svg>")[0] for p in plots)
+    assert plots == ["metric-plot", "diff-plot", "loss-plot", "compute-plot"]
+    metric, diff, loss, _ = (page.split(f'id="{p}"')[1].split("</svg>")[0] for p in plots)
     assert metric.count('class="point"') == 4  # a, b, c, d (e failed)
     assert metric.count('class="ci"') == 4
     assert diff.count('class="point"') == 3 and diff.count('class="zero"') == 1
@@ -242,3 +242,69 @@ def test_prompt_opt_vs_fine_tune_vs_both_when_the_design_has_them(tmp_path):
     assert 'id="arms"' in (exp / "report" / "report.html").read_text()
     assert {t.id: t.arm for t in analysis.trials} == {
         "a": "fine-tune", "b": "base", "c": "prompt-opt", "d": "both"}
+
+
+def test_compute_table_plot_json_and_markdown(experiment: Path) -> None:
+    """Chosen figures: a's fine-tune ran out of memory on Slurm, b's ran locally on a GPU;
+    the other stages were not measured (only cruijff's clock)."""
+    g = 1024
+    record_usage(experiment / "trial-a", "finetune", outcome="OUT_OF_MEMORY",
+                 usage={"wall_s": 240, "cpu_s": 400, "peak_rss_mib": 2.1 * g},
+                 slurm={"job_id": "41", "state": "OUT_OF_MEMORY", "max_rss_mib": 2.0 * g,
+                        "requested": {"mem_mib": 2 * g, "time_s": 1800}})
+    record_usage(experiment / "trial-b", "finetune", usage={
+        "wall_s": 90, "cpu_s": 85, "peak_rss_mib": 3174,
+        "gpus": [{"device": "GPU-x", "peak_used_mib": 10240}],
+        "throughput": {"tokens_per_s": 1234.4}})
+    record_usage(experiment / "trial-b", "eval", usage={
+        "wall_s": 12, "peak_rss_mib": 900, "throughput": {"samples_per_s": 2.5}},
+        slurm={"job_id": "42", "requested": {"mem_mib": 8 * g, "time_s": 600}})
+    analysis = analyze(experiment)
+
+    rows = {(c.trial, c.stage): c for c in analysis.compute}
+    assert list(rows) == [("a", "finetune"), ("a", "eval"), ("b", "finetune"), ("b", "eval"),
+                          ("c", "eval"), ("d", "finetune"), ("d", "eval"), ("e", "eval")]
+    assert rows["a", "finetune"].use.peak_rss_mib == pytest.approx(2.1 * g)
+    assert rows["b", "eval"].use.mem_share == pytest.approx(900 / (8 * g))
+
+    page = (experiment / "report" / "report.html").read_text()
+    table = page.split('<table id="compute">')[1].split("</table>")[0]
+    headers = re.findall(r"<th>([^<]*)</th>", table)
+    assert headers == ["trial", "stage", "wall", "CPU", "peak RSS", "GPU peak", "asked",
+                       "use %", "outcome", "throughput"]
+    cells = {(m[0], m[1]): re.findall(r"<td>([^<]*)</td>", m[2]) for m in re.findall(
+        r'<tr data-trial="(\w)" data-stage="(\w+)"[^>]*>(.*?)</tr>', table)}
+    assert cells["a", "finetune"] == ["a", "finetune", "4m", "6m40s", "2.1G", "–",
+                                      "2G · 30m", "mem 105% ▲ · time 13% ▽", "OUT_OF_MEMORY",
+                                      "–"]
+    assert cells["b", "finetune"] == ["b", "finetune", "1m30s", "1m25s", "3.1G", "10G", "–",
+                                      "–", "done", "1234 tokens/s"]
+    assert cells["b", "eval"][6:] == ["8G · 10m", "mem 11% ▽ · time 2% ▽", "done",
+                                      "2.5 samples/s"]
+    assert cells["a", "eval"][2:4] == ["2s", "–"]  # not measured: cruijff's clock only
+    assert 'data-stage="finetune" data-outcome="OUT_OF_MEMORY"' in table
+
+    plot = page.split('id="compute-plot"')[1].split("</svg>")[0]
+    walls = re.findall(r'<rect class="wall" data-stage="(\w+)"', plot)
+    assert len(walls) == 8  # every stage run with a wall time
+    assert re.findall(r'<rect class="memory( oom)?" data-stage="(\w+)"', plot) == [
+        (" oom", "finetune"), ("", "finetune")]  # a: out of memory; b: its fine-tune's peak
+    assert plot.count('class="asked"') == 1  # a asked 2G; b's fine-tune asked nothing
+    assert re.findall(r'<g class="legend">.*?>(\w+)</text>', plot) == ["finetune", "eval"]
+
+    data = json.loads(analysis.to_json())
+    first = data["compute"][0]
+    assert (first["trial"], first["stage"], first["outcome"], first["asked_mem_mib"]) == (
+        "a", "finetune", "OUT_OF_MEMORY", 2 * g)
+    assert data["compute"][2]["throughput"] == {"tokens_per_s": 1234.4}
+    markdown = (experiment / "report" / "report.md").read_text()
+    section = markdown.split("## Compute")[1].split("## Methods")[0]
+    assert "| a | finetune | 4m | 6m40s | 2.1G | – | 2G · 30m |" in section
+    assert "▽ below 25%, ▲ above 90%" in section
+
+
+def test_a_report_of_unmeasured_records_says_so(experiment: Path) -> None:
+    analysis = analyze(experiment, formats={"md"})
+    assert all(not c.use.measured for c in analysis.compute)
+    markdown = (experiment / "report" / "report.md").read_text()
+    assert "No stage attempt was measured" in markdown

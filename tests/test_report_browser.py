@@ -1,4 +1,4 @@
-"""report.html in a real browser: headless Chromium renders it offline, with its three plots.
+"""report.html in a real browser: headless Chromium renders it offline, with its four plots.
 
 Skipped when Chromium is not installed (`apt-get install -y chromium`), unless
 CRUIJFF_REQUIRE_CHROMIUM=1 (set by CI), in which case the test fails.
@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from results_support import SyntheticTrial, make_experiment
+from results_support import SyntheticTrial, make_experiment, record_usage
 
 from cruijff.report import analyze
 
@@ -43,7 +43,8 @@ def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> tuple[Path, str]:
-    """(screenshot, DOM after rendering) of a report with 4 results, 3 comparisons, 2 curves."""
+    """(screenshot, DOM after rendering) of a report with 4 results, 3 comparisons, 2 curves,
+    and a stage's compute figures."""
     binary = chromium()
     tmp = tmp_path_factory.mktemp("browser")
     experiment = make_experiment(tmp / "exp", [
@@ -56,6 +57,8 @@ def rendered(tmp_path_factory) -> tuple[Path, str]:
                        treatment={"eval.limit": 24}),
         SyntheticTrial("e", control="a", treatment={"eval.split": "nope"}, eval_status="failed"),
     ])
+    record_usage(experiment / "trial-a", "finetune", usage={"wall_s": 240, "peak_rss_mib": 3174},
+                 slurm={"job_id": "41", "requested": {"mem_mib": 8192, "time_s": 1800}})
     analysis = analyze(experiment, formats={"html"}, output=tmp / "report")
     page = analysis.files[0].as_uri()
     shot = tmp / "shot.png"
@@ -83,11 +86,11 @@ def test_screenshot_is_not_blank(rendered: tuple[Path, str]) -> None:
     assert any(r > 180 and g < 80 and b < 80 for _, (r, g, b) in colours)
 
 
-def test_dom_has_the_three_plots(rendered: tuple[Path, str]) -> None:
+def test_dom_has_the_four_plots(rendered: tuple[Path, str]) -> None:
     _, dom = rendered
     plots = re.findall(r'<svg class="plot" id="([a-z-]+)"', dom)
-    assert plots == ["metric-plot", "diff-plot", "loss-plot"]
-    metric, diff, loss = (dom.split(f'id="{p}"')[1].split("</svg>")[0] for p in plots)
+    assert plots == ["metric-plot", "diff-plot", "loss-plot", "compute-plot"]
+    metric, diff, loss, compute = (dom.split(f'id="{p}"')[1].split("</svg>")[0] for p in plots)
     assert len(re.findall(r'<circle class="point"', metric)) == 4
     assert len(re.findall(r'<line class="ci"', metric)) == 4
     assert len(re.findall(r'<circle class="point"', diff)) == 3
@@ -95,3 +98,7 @@ def test_dom_has_the_three_plots(rendered: tuple[Path, str]) -> None:
     assert len(re.findall(r'<polyline class="loss-curve"', loss)) == 2
     assert 'id="missing"' in dom and "e (eval.split=nope): failed" in dom
     assert len(re.findall(r"<tr class=", dom)) == 5
+    assert len(re.findall(r'<rect class="wall"', compute)) == 7  # every stage run
+    assert len(re.findall(r'<rect class="memory"', compute)) == 1
+    assert len(re.findall(r'<line class="asked"', compute)) == 1
+    assert len(re.findall(r'<tr data-trial=', dom)) == 7

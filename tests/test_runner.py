@@ -188,7 +188,7 @@ def test_a_stage_lost_before_it_started_is_submitted_again_without_using_a_retry
     trial = experiment.trial("a")
     calls = []
 
-    def submit(trial, stage, key, attempt):
+    def submit(trial, stage, key, attempt, grown=None):
         calls.append(attempt)
         if len(calls) == 1:
             return False  # lost on the way: the stage did not start
@@ -205,7 +205,7 @@ def test_a_stage_that_started_and_failed_uses_its_retries(make):
     experiment = load_experiment(exp)
     calls = []
 
-    def submit(trial, stage, key, attempt):
+    def submit(trial, stage, key, attempt, grown=None):
         calls.append(attempt)
         from cruijff.runner import execute_stage
 
@@ -228,7 +228,7 @@ def test_a_stage_its_dying_worker_recorded_failed_after_a_stop_is_interrupted(ma
     exp = make([TOUCH, SHARED], [{f"{TOUCH}.index": 1}])
     plan = RunPlan.make(exp)
 
-    def submit(trial, stage, key, attempt):
+    def submit(trial, stage, key, attempt, grown=None):
         request_stop("test")  # Ctrl-C while the stage ran in its worker job
         write_record(trial.dir, StageRecord(stage, key, "failed", finished=now(),
                                             error="exit code -15"))

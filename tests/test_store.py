@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from postgres_support import fresh_database, query, require_postgres
-from results_support import SyntheticTrial, make_experiment
+from results_support import SyntheticTrial, make_experiment, record_usage
 from sqlalchemy import func, select
 
 from cruijff.errors import CruijffError
@@ -197,6 +197,72 @@ def test_another_schema_version_is_rebuilt(experiment: Path) -> None:
         assert counts(store) == EXPECTED
 
 
+COMPUTE_COLUMNS = ("wall_s", "cpu_s", "peak_rss_mib", "gpu_peak_mib", "requested_mem_mib",
+                   "requested_time_s", "outcome", "sacct_state", "sacct_max_rss_mib",
+                   "throughput", "size", "usage_final")
+
+
+def measure(experiment: Path) -> None:
+    """Chosen figures on a's fine-tune (a Slurm attempt) and b's eval (local, a GPU)."""
+    record_usage(experiment / "trial-a", "finetune", outcome="OUT_OF_MEMORY",
+                 usage={"wall_s": 31.5, "cpu_s": 60.25, "peak_rss_mib": 2100.0, "final": False,
+                        "throughput": {"tokens_per_s": 812.5, "training_tokens": 25600},
+                        "size": {"epochs": 1, "train_examples": 800}},
+                 slurm={"job_id": "41", "step_id": "3", "state": "OUT_OF_MEMORY",
+                        "max_rss_mib": 2150.0, "requested": {"mem_mib": 2048, "time_s": 1800},
+                        "source": "sacct"})
+    record_usage(experiment / "trial-b", "eval", usage={
+        "wall_s": 12.0, "peak_rss_mib": 900.0,
+        "gpus": [{"device": "GPU-x", "peak_used_mib": 5000, "total_mib": 81920}],
+        "throughput": {"samples_per_s": 0.4}})
+
+
+def compute_columns(store) -> dict[tuple[str, str], tuple]:
+    with store.session() as session:
+        rows = session.execute(select(TrialRow.trial_id, StageRunRow).select_from(StageRunRow)
+                               .join(TrialRow, TrialRow.id == StageRunRow.trial_pk)).all()
+        return {(t, r.stage): tuple(getattr(r, c) for c in COMPUTE_COLUMNS) for t, r in rows}
+
+
+def check_compute_columns(store) -> None:
+    columns = compute_columns(store)
+    assert columns["a", "finetune"] == (
+        31.5, 60.25, 2100.0, None, 2048.0, 1800.0, "OUT_OF_MEMORY", "OUT_OF_MEMORY", 2150.0,
+        {"tokens_per_s": 812.5, "training_tokens": 25600}, {"epochs": 1, "train_examples": 800},
+        False)
+    assert columns["b", "eval"] == (12.0, None, 900.0, 5000.0, None, None, None, None, None,
+                                    {"samples_per_s": 0.4}, {}, True)
+    # not measured: cruijff's own clock is the wall time; a reused stage ran elsewhere
+    assert columns["a", "eval"] == (2.0, None, None, None, None, None, None, None, None,
+                                    {}, {}, None)
+    assert columns["f", "finetune"] == (None,) * 9 + ({}, {}, None)
+
+
+def test_stage_runs_carry_what_each_attempt_used(experiment: Path) -> None:
+    measure(experiment)
+    with open_store(None, experiment) as store:
+        load_experiment_results(store, experiment)
+        check_compute_columns(store)
+
+
+def test_a_store_of_the_previous_schema_is_rebuilt_with_the_compute_columns(
+        experiment: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(experiment / DEFAULT_FILE) as db:  # what schema 2 left
+        db.execute("CREATE TABLE cruijff_store (key VARCHAR(64) PRIMARY KEY, "
+                   "value VARCHAR(200))")
+        db.execute("INSERT INTO cruijff_store VALUES ('schema_version', '2')")
+        db.execute("CREATE TABLE stage_runs (id INTEGER PRIMARY KEY, trial_pk INTEGER, "
+                   "stage VARCHAR(64))")
+    measure(experiment)
+    with open_store(None, experiment) as store:
+        load_experiment_results(store, experiment)
+        check_compute_columns(store)
+        with store.session() as session:
+            assert session.get(StoreInfo, "schema_version").value == "3"
+
+
 def test_postgres_urls_use_psycopg() -> None:
     assert normalize_url("postgresql+asyncpg://u:p@h:5432/d") == "postgresql+psycopg://u:p@h:5432/d"
     assert normalize_url("postgres://u@h/d") == "postgresql+psycopg://u@h/d"
@@ -205,12 +271,14 @@ def test_postgres_urls_use_psycopg() -> None:
 
 def test_postgresql_store(experiment: Path) -> None:
     require_postgres()
+    measure(experiment)
     with fresh_database("cruijff_store") as db:
         with open_store(db.url, experiment) as store:  # the asyncpg form Prefect uses
             assert store.url.startswith("postgresql+psycopg://") and db.password not in store.url
             load_experiment_results(store, experiment)
             load_experiment_results(store, experiment)
             assert counts(store) == EXPECTED
+            check_compute_columns(store)
             report = rebuild_experiment_results(store, experiment)
             assert report.loaded == ["a", "b", "f"]
         assert query(db.url, "SELECT count(*) FROM samples") == [(20,)]

@@ -84,3 +84,63 @@ def test_progress_on_a_finished_run_prints_once(cli, experiment):
 def test_unknown_trial_is_a_clear_error(cli, experiment):
     result = cli("summary", "--trials", "a,zz", experiment)
     assert result.code == 2 and "unknown trial 'zz'" in result.err
+
+
+@pytest.fixture
+def measured(experiment, monkeypatch):
+    """Trial a's stages as the launcher and sacct leave them (chosen figures); trial b's
+    fine-tune ran out of memory after a timeout. A wide console: lines are not folded."""
+    from results_support import record_usage
+
+    from cruijff.cli import out
+
+    monkeypatch.setattr(out, "_width", 250)
+    g = 1024
+    a, b = experiment / "trial-a", experiment / "trial-b"
+    record_usage(a, "finetune", usage={"wall_s": 240, "cpu_s": 400, "peak_rss_mib": 3.1 * g},
+                 slurm={"job_id": "41", "requested": {"mem_mib": 8 * g, "time_s": 1800},
+                        "state": "COMPLETED", "max_rss_mib": 3.0 * g})
+    record_usage(a, "eval", usage={"wall_s": 8, "peak_rss_mib": 900,
+                                   "throughput": {"samples_per_s": 2.5}})
+    record_usage(b, "finetune", outcome="OUT_OF_MEMORY",
+                 usage={"wall_s": 31, "peak_rss_mib": 2.1 * g, "final": False},
+                 slurm={"job_id": "999999", "requested": {"mem_mib": 2 * g, "time_s": 1800},
+                        "state": "OUT_OF_MEMORY"},
+                 history=[{"attempt": 1, "status": "failed", "where": "slurm:999998",
+                           "error": None, "outcome": "TIMEOUT", "wall_s": 1800,
+                           "requested": {"mem_mib": 2 * g, "time_s": 1800}}])
+    return experiment
+
+
+def test_summary_shows_what_each_stage_used_of_what_it_asked(cli, measured):
+    result = cli("summary", measured)
+    assert result.code == 1
+    assert "compute" in result.out
+    assert "finetune 3.1/8G 39% · 4m/30m 13% ▽" in result.out
+    assert "eval 900M · 8s" in result.out  # local: nothing asked, used only
+    assert "finetune #1 TIMEOUT at 30m/30m" in result.out
+    assert "finetune OUT_OF_MEMORY at 2.1/2G" in result.out
+
+
+def test_summary_json_carries_the_compute_figures(cli, measured):
+    before = {p: p.read_bytes() for p in measured.glob("trial-*/.cruijff/*.json")}
+    report = json.loads(cli("summary", "--json", measured).out)
+    a, b = (next(t for t in report["trials"] if t["id"] == i)["stages"] for i in "ab")
+    finetune = a["finetune"]["compute"]
+    assert finetune["peak_rss_mib"] == pytest.approx(3.1 * 1024)
+    assert finetune["asked_mem_mib"] == 8 * 1024 and finetune["asked_time_s"] == 1800
+    assert finetune["mem_share"] == pytest.approx(3.1 / 8)
+    assert finetune["time_share"] == pytest.approx(240 / 1800)
+    assert a["eval"]["compute"]["throughput"] == {"samples_per_s": 2.5}
+    assert b["finetune"]["compute"]["outcome"] == "OUT_OF_MEMORY"
+    assert b["finetune"]["compute"]["final"] is False
+    assert [(e["attempt"], e["outcome"]) for e in b["finetune"]["compute_earlier"]] == [
+        (1, "TIMEOUT")]
+    assert {p: p.read_bytes() for p in measured.glob("trial-*/.cruijff/*.json")} == before
+
+
+def test_records_without_figures_add_no_compute_column(cli, experiment, monkeypatch):
+    from cruijff.cli import out
+
+    monkeypatch.setattr(out, "_width", 250)
+    assert "compute" not in cli("summary", experiment).out

@@ -5,6 +5,7 @@ its figures (tests/test_runner.py's in-process pipeline, no Prefect)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -91,10 +92,8 @@ def test_an_attempt_killed_with_its_launcher_leaves_its_last_snapshot(tmp_path):
     deadline = time.monotonic() + 60
     figures: dict = {}
     while figures.get("peak_rss_mib", 0) < 90 and time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             figures = json.loads(out.read_text())
-        except (OSError, ValueError):
-            pass
         time.sleep(0.05)
     proc.kill()
     proc.wait()
@@ -170,3 +169,58 @@ def test_a_record_written_before_usage_was_measured_is_still_read(make):
     record = read_record(exp / "trial-a", "testing_compute")
     assert record is not None and record.status == "done" and record.usage is None
     assert RunPlan.make(exp).todo() == []
+
+
+FAKE_NVML = '''
+"""A stand-in for pynvml (no GPU here): two devices; device 1's memory in use grows by
+100 MiB each time it is read, device 0's stays at 10 MiB."""
+import types
+reads = {0: 0, 1: 0}
+def nvmlInit(): pass
+def nvmlDeviceGetCount(): return 2
+def nvmlDeviceGetHandleByIndex(i): return i
+def nvmlDeviceGetUUID(h): return f"GPU-fake-{h}"
+def nvmlDeviceGetName(h): return b"Fake H200"
+def nvmlDeviceGetMemoryInfo(h):
+    reads[h] += 1
+    used = 10 if h == 0 else 100 * reads[h]
+    return types.SimpleNamespace(total=141 * 2**30, used=used * 2**20)
+'''
+
+
+@pytest.mark.parametrize(("visible", "devices"), [("", ["GPU-fake-0", "GPU-fake-1"]),
+                                                  ("1", ["GPU-fake-1"]),
+                                                  ("GPU-fake-0", ["GPU-fake-0"])])
+def test_gpu_memory_is_sampled_per_visible_device_with_a_fake_nvml(tmp_path, visible, devices):
+    """Mocked: no GPU on this machine, so pynvml is a stand-in module; what is tested is
+    which devices are read (CUDA_VISIBLE_DEVICES by index or UUID) and that the peak is kept."""
+    (tmp_path / "pynvml.py").write_text(FAKE_NVML)
+    out = tmp_path / "usage.json"
+    result = launch(out, "import time; time.sleep(1.0)", CRUIJFF_USAGE_NVML="1",
+                    CRUIJFF_USAGE_INTERVAL_S="0.1", CUDA_VISIBLE_DEVICES=visible,
+                    PYTHONPATH=f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    assert result.returncode == 0, result.stderr
+    gpus = {g["device"]: g for g in json.loads(out.read_text())["gpus"]}
+    assert sorted(gpus) == devices
+    assert all(g["name"] == "Fake H200" and g["total_mib"] == 141 * 1024 for g in gpus.values())
+    if "GPU-fake-0" in gpus:
+        assert gpus["GPU-fake-0"]["peak_used_mib"] == 10
+    if "GPU-fake-1" in gpus:
+        assert gpus["GPU-fake-1"]["peak_used_mib"] >= 500  # read at least 5 times, kept the max
+
+
+def test_any_torchtune_recipes_log_gives_its_speed_and_gpu_peaks(tmp_path):
+    """torchtune's metric log (DiskLogger) as a CUDA run with log_peak_memory_stats writes it:
+    the median tokens/s per GPU times the processes; the recipe's peaks in GiB, as MiB."""
+    from cruijff.stages.finetune import logged_throughput
+
+    (tmp_path / "log_1.txt").write_text(
+        "Step 1 | loss:2.5 lr:0.0003 tokens_per_second_per_gpu:100.0 peak_memory_active:1.0 "
+        "peak_memory_alloc:1.5 peak_memory_reserved:2.0\n"
+        "Step 2 | loss:2.4 lr:0.0003 tokens_per_second_per_gpu:300.0 peak_memory_active:1.0 "
+        "peak_memory_alloc:1.25 peak_memory_reserved:2.5\n"
+        "Step 3 | loss:2.3 lr:0.0003 tokens_per_second_per_gpu:200.0\n")
+    assert logged_throughput(tmp_path, processes=4) == {
+        "tokens_per_s": 800.0, "torch_peak_allocated_mib": 1536.0,
+        "torch_peak_reserved_mib": 2560.0}
+    assert logged_throughput(tmp_path / "none", processes=1) == {}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stop the single-node Slurm cluster started by scripts/slurm/start.sh (idempotent).
+# Stop the single-node Slurm cluster started by scripts/slurm/start.sh, its slurmdbd and
+# MariaDB too (idempotent).
 set -euo pipefail
 
 stop() {  # stop NAME PIDFILE
@@ -16,4 +17,6 @@ stop() {  # stop NAME PIDFILE
 }
 stop slurmd /run/slurmd.pid
 stop slurmctld /run/slurmctld.pid
+stop slurmdbd /run/slurmdbd.pid
+stop mariadbd /run/mysqld/mysqld.pid
 stop munged /run/munge/munged.pid
