@@ -42,6 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     command = stage(args.seconds, args.children)
     shares: list[float] = []
+    walls: list[float] = []
+    startups: list[float] = []
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "usage.json"
 
@@ -50,6 +52,12 @@ def main() -> None:
                             *command], check=True)
             figures = json.loads(out.read_text())
             shares.append(figures["sampler_cpu_s"] / figures["wall_s"])
+            walls.append(figures["wall_s"])
+
+        for _ in range(args.repeats):
+            subprocess.run([sys.executable, "-m", "cruijff.usage", "--out", str(out), "--",
+                            "true"], check=True)
+            startups.append(json.loads(out.read_text())["sampler_cpu_s"])
 
         times = alternate({"bare": lambda: subprocess.run(command, check=True),
                            "measured": measured}, args.repeats)
@@ -62,6 +70,10 @@ def main() -> None:
     share = statistics.median(shares)
     print(f"  launcher CPU / stage wall: median {share:.3%} (range {min(shares):.3%}-"
           f"{max(shares):.3%}); goal < {GOAL:.0%}: {'met' if share < GOAL else 'MISSED'}")
+    startup = statistics.median(startups)
+    sampling = [s - startup / w for s, w in zip(shares, walls, strict=True)]
+    print(f"  of which start-up (a stage that does nothing): {startup:.3f} s CPU, once; "
+          f"sampling alone: median {statistics.median(sampling):.3%} of the wall")
 
 
 if __name__ == "__main__":

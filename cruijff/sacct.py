@@ -88,12 +88,12 @@ def tres_request(tres: str, timelimit: str = "") -> dict[str, Any]:
     values = parse_tres(tres)
     request: dict[str, Any] = {}
     if (mem := parse_memory_mib(values.get("mem", ""))) is not None:
-        request["mem_mib"] = mem
+        request["mem_mib"] = int(mem) if mem.is_integer() else mem
     for key, name in (("cpu", "cpus"), ("gres/gpu", "gpus")):
         if values.get(key, "").isdigit():
             request[name] = int(values[key])
     if (limit := parse_duration(timelimit)) is not None:
-        request["time_s"] = limit
+        request["time_s"] = int(limit) if limit.is_integer() else limit
     return request
 
 
@@ -328,9 +328,10 @@ def step_name(*parts: object) -> str:
 def step_prefix(name: str) -> list[str]:
     """The words that run a stage's command as its own job step inside the worker job
     (prepend them to the command), or [] outside a Slurm job, without srun, or unless
-    CRUIJFF_STAGE_STEP=1. `--overlap`: the step shares the job's CPUs and GPUs with the
-    worker and any step still ending, so it never waits for them; it gets the job's memory
-    (srun reads SLURM_MEM_PER_NODE), which OverMemoryKill holds it to."""
+    CRUIJFF_STAGE_STEP=1. `--overlap`: the step shares the job's CPUs with any step still
+    ending (without it, Slurm 22.05 holds a second step until the first is gone). The step
+    gets the job's memory (srun reads SLURM_MEM_PER_NODE), which OverMemoryKill holds it to,
+    and all the job's GPUs (CUDA_VISIBLE_DEVICES as the job's)."""
     if not STEP_NAME.fullmatch(name):
         raise CruijffError(f"step name {name!r} may hold only letters, digits and : . _ - "
                            "(at most 200)")

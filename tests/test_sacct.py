@@ -62,9 +62,10 @@ def test_memory_sacct_does_not_give_is_none(text):
 def test_alloc_tres_is_read_into_a_request():
     tres = "billing=2,cpu=2,gres/gpu=1,mem=1024M,node=1"
     assert parse_tres(tres)["gres/gpu"] == "1"
-    assert tres_request(tres, "00:30:00") == {"mem_mib": 1024.0, "cpus": 2, "gpus": 1,
+    assert tres_request(tres, "00:30:00") == {"mem_mib": 1024, "cpus": 2, "gpus": 1,
                                               "time_s": 1800}
     assert tres_request("", "UNLIMITED") == {}
+    assert all(isinstance(v, int) for v in tres_request(tres, "00:30:00").values())
 
 
 @pytest.mark.parametrize(("text", "word"), [
