@@ -638,17 +638,25 @@ def _x_axis(lo: float, hi: float, x, y0: float, y1: float, label: str) -> list[s
     return parts
 
 
+def _svg_open(plot_id: str, width: float, height: float) -> str:
+    return (f'<svg class="plot" id="{plot_id}" '
+            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">')
+
+
+def _empty_plot(plot_id: str, width: float, height: float, text: str) -> str:
+    """A plot with nothing to draw says why, where the plot would be."""
+    return (f'{_svg_open(plot_id, width, height)}<text x="{width / 2}" y="{TOP + 10}" '
+            f'text-anchor="middle">{html.escape(text)}</text></svg>')
+
+
 def _interval_plot(plot_id: str, rows: list[tuple[TrialResult, float, float, float]],
                    lo: float, hi: float, label: str, zero: bool, empty: str) -> str:
     """Points with interval bars, one row per trial (a forest plot)."""
     height = TOP + max(1, len(rows)) * ROW_H + BOTTOM
     width = LEFT + PLOT_W + RIGHT
-    parts = [f'<svg class="plot" id="{plot_id}" '
-             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
     if not rows:
-        parts.append(f'<text x="{width / 2}" y="{TOP + 10}" text-anchor="middle">'
-                     f'{html.escape(empty)}</text></svg>')
-        return "".join(parts)
+        return _empty_plot(plot_id, width, height, empty)
+    parts = [_svg_open(plot_id, width, height)]
 
     def x(v: float) -> float:
         return LEFT + (min(max(v, lo), hi) - lo) / (hi - lo) * PLOT_W
@@ -715,12 +723,9 @@ def loss_plot(analysis: Analysis) -> str:
     width, height = LEFT + PLOT_W + RIGHT, 320
     legend_rows = min(len(curves), MAX_LEGEND) + (len(curves) > MAX_LEGEND)
     height += legend_rows * 14
-    parts = [f'<svg class="plot" id="loss-plot" '
-             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
     if not curves:
-        parts.append(f'<text x="{width / 2}" y="{TOP + 10}" text-anchor="middle">'
-                     'no fine-tuning losses</text></svg>')
-        return "".join(parts)
+        return _empty_plot("loss-plot", width, height, "no fine-tuning losses")
+    parts = [_svg_open("loss-plot", width, height)]
     values = [v for _, pts in curves for _, v in pts]
     steps = max(s for _, pts in curves for s, _ in pts)
     log = min(values) > 0 and max(values) / min(values) > 50
@@ -807,12 +812,10 @@ def compute_plot(analysis: Analysis) -> str:
     stages = list(dict.fromkeys(c.stage for c in analysis.compute))
     width = LEFT + 2 * PANEL_W + PANEL_GAP + RIGHT
     height = TOP + max(1, len(trials)) * ROW_H + BOTTOM + 14 * len(stages) + 10
-    parts = [f'<svg class="plot" id="compute-plot" '
-             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
     if not trials:
-        parts.append(f'<text x="{width / 2}" y="{TOP + 10}" text-anchor="middle">'
-                     'no stage has a wall time or memory figure</text></svg>')
-        return "".join(parts)
+        return _empty_plot("compute-plot", width, height,
+                           "no stage has a wall time or memory figure")
+    parts = [_svg_open("compute-plot", width, height)]
     labels = {c.trial: c.label for c in analysis.compute}
     runs: dict[str, list[StageCompute]] = defaultdict(list)
     for c in analysis.compute:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -173,6 +174,28 @@ def project(tmp_path, tiny_random_model) -> Project:
     experiments = tmp_path / "experiments"
     experiments.mkdir()
     return Project(tmp_path, config, experiments)
+
+
+@pytest.fixture
+def doubles(cli, project, monkeypatch, tmp_path):
+    """build(pipeline, treatments, name="exp", config="") -> an experiment of test-double
+    stages (cruijff/testing), no control trials, built by the real CLI; `config` is added to
+    the project's config.yaml. No Prefect server is reachable."""
+    monkeypatch.setenv("CRUIJFF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+
+    def build(pipeline: list[str], treatments: list[dict], name: str = "exp",
+              config: str = "") -> Path:
+        text = project.config.read_text().replace("run_control_trials: true",
+                                                  "run_control_trials: false")
+        project.config.write_text(f"{text}pipeline: [{', '.join(pipeline)}]\n{config}")
+        result = cli("build", "--config-path", project.config, "--task", "toy", "--model",
+                     "cruijff/tiny-llama-random", "--dataset", "d.json", "--treatments",
+                     json.dumps(treatments), "--name", name, "--root", project.experiments)
+        assert result.code == 0, result.err
+        return project.experiments / name
+
+    return build
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ tests/test_slurm_compute.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,10 @@ COMPUTE = "testing_compute"
 
 
 @pytest.fixture
-def experiment(cli, project, monkeypatch, tmp_path):
-    monkeypatch.setenv("CRUIJFF_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-
+def experiment(doubles):
     def build(resources: str = "", orchestration: str = "{retries: 2}") -> Path:
-        config = project.config.read_text().replace("run_control_trials: true",
-                                                    "run_control_trials: false")
-        project.config.write_text(config + f"pipeline: [{COMPUTE}]\n"
-                                  f"orchestration: {orchestration}\n{resources}")
-        result = cli("build", "--config-path", project.config, "--task", "toy", "--model",
-                     "cruijff/tiny-llama-random", "--dataset", "d.json", "--treatments",
-                     json.dumps([{f"{COMPUTE}.allocate_mb": 1}]), "--name", "exp",
-                     "--root", project.experiments)
-        assert result.code == 0, result.err
-        return project.experiments / "exp"
+        return doubles([COMPUTE], [{f"{COMPUTE}.allocate_mb": 1}],
+                       config=f"orchestration: {orchestration}\n{resources}")
 
     return build
 

@@ -24,22 +24,12 @@ TOUCH, SHARED = "testing_touch", "testing_shared"
 
 
 @pytest.fixture
-def make(cli, project, monkeypatch, tmp_path):
+def make(doubles):
     """build(pipeline, treatments) -> the experiment folder, built by the real CLI."""
-    monkeypatch.setenv("CRUIJFF_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing may reach it
 
     def build(pipeline: list[str], treatments: list[dict], name: str = "exp",
               retries: int = 1) -> Path:
-        config = project.config.read_text().replace("run_control_trials: true",
-                                                    "run_control_trials: false")
-        project.config.write_text(config + f"pipeline: [{', '.join(pipeline)}]\n"
-                                  f"orchestration: {{retries: {retries}}}\n")
-        result = cli("build", "--config-path", project.config, "--task", "toy", "--model",
-                     "cruijff/tiny-llama-random", "--dataset", "d.json", "--treatments",
-                     json.dumps(treatments), "--name", name, "--root", project.experiments)
-        assert result.code == 0, result.err
-        return project.experiments / name
+        return doubles(pipeline, treatments, name, f"orchestration: {{retries: {retries}}}\n")
 
     return build
 

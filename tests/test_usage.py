@@ -115,21 +115,8 @@ def test_bad_arguments_are_one_line(tmp_path):
 
 
 @pytest.fixture
-def make(cli, project, monkeypatch, tmp_path):
-    monkeypatch.setenv("CRUIJFF_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-
-    def build(treatments: list[dict]) -> Path:
-        config = project.config.read_text().replace("run_control_trials: true",
-                                                    "run_control_trials: false")
-        project.config.write_text(config + "pipeline: [testing_compute]\n")
-        result = cli("build", "--config-path", project.config, "--task", "toy", "--model",
-                     "cruijff/tiny-llama-random", "--dataset", "d.json", "--treatments",
-                     json.dumps(treatments), "--name", "exp", "--root", project.experiments)
-        assert result.code == 0, result.err
-        return project.experiments / "exp"
-
-    return build
+def make(doubles):
+    return lambda treatments: doubles(["testing_compute"], treatments)
 
 
 def test_a_stage_record_carries_what_its_attempt_used(make):
