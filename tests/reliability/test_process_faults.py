@@ -66,8 +66,11 @@ def status(exp: Path, trial: str, stage: str = TOUCH) -> str | None:
 
 
 def stage_processes(exp: Path) -> list[str]:
+    """The stages' own processes (not the `cruijff.usage` launcher each one runs under)."""
     found = subprocess.run(["pgrep", "-f", f"{exp}/trial-"], capture_output=True, text=True)
-    return found.stdout.split()
+    launchers = subprocess.run(["pgrep", "-f", f"cruijff.usage --out {exp}/trial-"],
+                               capture_output=True, text=True).stdout.split()
+    return [pid for pid in found.stdout.split() if pid not in launchers]
 
 
 def summary_states(exp: Path, env: dict) -> tuple[int, dict[str, str]]:
