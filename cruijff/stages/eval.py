@@ -73,20 +73,47 @@ def task_factory(config: dict[str, Any]) -> Any:
     local model is not loaded a second time just to look up its info)."""
     from inspect_ai.model import ModelInfo, set_model_info
 
-    from cruijff.tasks import load_function
+    from cruijff.tasks import load_function, task_imports
 
     set_model_info(config["model"], ModelInfo(organization="local", model=config["model"]))
-    task_function = load_function(Path(config["task_file"]),
-                                  f"_cruijff_task_{config['task']}_eval", config["task_function"])
+    task_file = Path(config["task_file"])
+    task_function = load_function(task_file, f"_cruijff_task_{config['task']}_eval",
+                                  config["task_function"])
+    default_split = _default(task_function, "split")
 
     def make_task(**args: Any) -> Any:
         try:
-            return task_function(**args)
+            with task_imports(task_file.parent):  # a task importing its own modules lazily
+                task = task_function(**args)
         except Exception as exc:  # the task's own code: its error, not cruijff's
             raise CruijffError(f"task '{config['task']}': {config['task_function']}() "
                                f"failed: {type(exc).__name__}: {exc}") from None
+        give_ids(task, str(args.get("split") or default_split or "sample"))
+        return task
 
     return make_task
+
+
+def _default(function: Any, name: str) -> Any:
+    import inspect
+
+    try:
+        parameter = inspect.signature(function).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is parameter.empty \
+        else parameter.default
+
+
+def give_ids(task: Any, split: str) -> None:
+    """Samples without an id get `<split>-<index>` (their place in the split), not Inspect's
+    1..N: stable, and telling which split a sample came from. A task's own ids win."""
+    samples = getattr(task, "dataset", None)
+    if samples is None:
+        return
+    for index, sample in enumerate(samples):
+        if getattr(sample, "id", 0) is None:
+            sample.id = f"{split}-{index}"
 
 
 @contextmanager
@@ -168,9 +195,13 @@ class EvalStage(Stage):
         reuses the samples already scored in log_dir and re-executes only failed ones)."""
         from inspect_ai import eval_set
 
+        from cruijff.tasks import task_imports
+
         config = load_yaml_mapping(config_path, "eval config")
         make_task = task_factory(config)
-        with loadable(config, config_path.parent, self.name) as model_args:
+        # the task's folder on sys.path while it runs: a scorer may import its modules lazily
+        with loadable(config, config_path.parent, self.name) as model_args, \
+                task_imports(Path(config["task_file"]).parent):
             success, _ = eval_set(
                 tasks=[make_task(**config["task_args"])],
                 log_dir=config["log_dir"],

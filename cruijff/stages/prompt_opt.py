@@ -3,7 +3,8 @@ validation split, for the trial's model (its fine-tuned checkpoint if it fine-tu
 write the best into the eval stage's config, so eval measures exactly that prompt on test.
 
 An optimizable task takes `split`, `system_prompt` and `fewshot` (a list of demonstration
-records {id, input, output}); demonstrations are drawn, seeded, from the training split.
+records {id, input, output}); demonstrations are drawn, seeded, from the training split. A
+record without an id is given `<split>-<index>`, as the eval's samples are (give_ids).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cruijff.stages import (
     set_existing,
 )
 from cruijff.stages.eval import inspect_target, loadable, log_metrics, task_factory
+from cruijff.tasks import task_imports
 
 PROMPT_ARGS = ("split", "system_prompt", "fewshot")
 CANDIDATES = "prompt_opt/candidates.csv"
@@ -99,7 +101,8 @@ class PromptOptStage(Stage):
             return Scored(candidate, float(score), int(metrics["samples"]),
                           [str(s.id) for s in log.samples or []])
 
-        with loadable(config, trial_dir, self.name) as model_args:
+        with loadable(config, trial_dir, self.name) as model_args, \
+                task_imports(Path(config["task_file"]).parent):  # as the eval stage does
             scored = OPTIMIZERS[config["optimizer"]].optimize(
                 space, functools.partial(evaluate, model_args))
         if not scored:
@@ -143,11 +146,12 @@ def demonstrations(data_path: Path, *, k: int, draws: int, seed: int,
     sets: list[list[dict[str, Any]]] = [[]]
     if k <= 0:
         return sets
-    records = json.loads(data_path.read_text(encoding="utf-8"))[split]
+    records = [{"id": r.get("id", f"{split}-{index}"), "input": r["input"],
+                "output": r["output"]}
+               for index, r in enumerate(json.loads(data_path.read_text(encoding="utf-8"))[split])]
     rng = random.Random(seed)
     for _ in range(draws):
-        sets.append([{key: r[key] for key in ("id", "input", "output")}
-                     for r in rng.sample(records, min(k, len(records)))])
+        sets.append(rng.sample(records, min(k, len(records))))
     return sets
 
 
