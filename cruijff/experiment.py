@@ -30,7 +30,7 @@ from typing import IO, Any
 from cruijff import __version__
 from cruijff.design import Design, expand
 from cruijff.errors import CruijffError
-from cruijff.fileio import dump_yaml, load_yaml_mapping, lock_within
+from cruijff.fileio import dump_yaml, load_yaml_mapping, lock_within, umask
 from cruijff.models import (
     ensure_model,
     family_of,
@@ -349,9 +349,8 @@ def _write(root: Path, dest: Path, files: dict[str, str], folders: list[str],
     `dest` (call with the build lock held); with `force`, first move the old `dest` into the
     archive."""
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=root))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; colleagues may read results
+    mask = umask()
+    staging.chmod(0o777 & ~mask)  # mkdtemp makes it owner-only; colleagues may read results
     try:
         for relative, text in files.items():
             path = staging / relative
@@ -359,7 +358,7 @@ def _write(root: Path, dest: Path, files: dict[str, str], folders: list[str],
             path.write_text(text, encoding="utf-8")
         for relative in files:
             if relative.endswith(".slurm"):
-                (staging / relative).chmod(0o755)
+                (staging / relative).chmod(0o777 & ~mask)
                 (staging / relative).parent.joinpath("logs").mkdir(exist_ok=True)
         for relative in folders:
             (staging / relative).mkdir(parents=True, exist_ok=True)

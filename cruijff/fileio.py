@@ -233,11 +233,28 @@ def dump_yaml(data: Any) -> str:
                      allow_unicode=True)
 
 
+def umask() -> int:
+    """The process umask, read without changing it (os.umask can only swap, which races
+    with threads creating files); cruijff's own files honour it so colleagues sharing a
+    project folder can read results."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so readers never see half a file."""
+    """Write via a temp file and rename, so readers never see half a file; the file gets
+    the mode a plain open() would (mkstemp's is owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)

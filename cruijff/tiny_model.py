@@ -44,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cruijff.fileio import umask
 from cruijff.tiny_families import BUILDERS as FAMILY_BUILDERS
 
 TINY_MODEL_IDS: frozenset[str] = frozenset(
@@ -369,11 +370,10 @@ def _write_hf_tokenizer(out: Path) -> None:
 
 def _apply_umask(root: Path) -> None:
     """mkdtemp makes a 0700 directory (and safetensors writes 0600 files): use the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
+    mask = umask()
+    root.chmod(0o777 & ~mask)
     for p in root.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
