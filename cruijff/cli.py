@@ -713,6 +713,11 @@ def schedule_reruns(
     """Re-run an experiment's failed trials on a schedule (only their unfinished stages)."""
     if (cron is None) == (not off):
         raise CruijffError("give --cron EXPRESSION, or --off to remove the schedule")
+    from cruijff.cron import cron_problem
+
+    problem = cron and cron_problem(cron)
+    if problem:  # before anything is touched: the old schedule stays
+        raise CruijffError(f"--cron {cron!r}: {problem}")
     from cruijff.flows.server import ensure_api
     from cruijff.settings import CruijffSettings
 

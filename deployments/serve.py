@@ -98,18 +98,20 @@ def schedule_reruns(experiment: str, cron: str | None) -> str:
             except Exception:
                 raise CruijffError("no re-run deployment: start `cruijff serve` (or "
                                    "`cruijff deploy --pool NAME`) first") from None
+            new = None
+            if cron is not None:
+                try:  # checked before the old schedule goes (cruijff.cron checked it first)
+                    new = CronSchedule(cron=cron)
+                except ValueError as exc:
+                    reason = str(exc).split("Value error, ")[-1].splitlines()[0]
+                    raise CruijffError(f"--cron {cron!r}: {reason}") from None
             for schedule in deployment.schedules:
                 if schedule.slug == slug:
                     await client.delete_deployment_schedule(deployment.id, schedule.id)
-            if cron is None:
+            if new is None:
                 return f"Removed the re-run schedule of {exp.name}."
-            try:
-                schedule = CronSchedule(cron=cron)
-            except ValueError as exc:
-                raise CruijffError(f"--cron {cron!r} is not a cron expression: "
-                                   f"{str(exc).splitlines()[-1]}") from None
             await client.create_deployment_schedules(
-                deployment.id, [(schedule, True)], parameters={"experiment": str(exp.path)},
+                deployment.id, [(new, True)], parameters={"experiment": str(exp.path)},
                 slug=slug)
             return f"Failed trials of {exp.name} will re-run on '{cron}'."
 

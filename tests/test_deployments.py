@@ -167,6 +167,9 @@ def test_failed_trials_are_rerun_by_the_rerun_deployment(served, site, prefect_e
             return [(s.schedule.cron, s.parameters) for s in deployment.schedules]
 
     assert ("*/5 * * * *", {"experiment": str(site / "rerun")}) in asyncio.run(schedules())
+    bad = cruijff("schedule-reruns", site / "rerun", "--cron", "*/5 25 * * *", env=prefect_env)
+    assert bad.returncode == 2 and "hour field '25': 25 is outside 0-23" in bad.stderr
+    assert ("*/5 * * * *", {"experiment": str(site / "rerun")}) in asyncio.run(schedules())
 
     fault.unlink()  # the fault is fixed; the scheduled run is triggered now instead of waiting
     from prefect.settings import PREFECT_API_URL, temporary_settings
