@@ -156,16 +156,19 @@ def mean_estimate(
     *,
     seed: int = 0,
     resamples: int = RESAMPLES,
+    binary: bool | None = None,
 ) -> Estimate:
     """Mean score with a confidence interval: Wilson for 0/1 scores, else percentile bootstrap.
 
-    A single non-binary score says nothing about spread, so its interval is (nan, nan) rather
-    than the degenerate (x, x) a bootstrap would give.
+    `binary`: whether the scale is 0/1 (None: whether these values are). An error count or a
+    partial-credit scorer can give one trial only 0s and 1s; binary=False keeps it on the
+    bootstrap, as its other trials are. A single non-binary score says nothing about spread,
+    so its interval is (nan, nan) rather than the degenerate (x, x) a bootstrap would give.
     """
     x = _as_scores(values)
     _check_confidence(confidence)
     value = float(x.mean())
-    if is_binary(x):
+    if is_binary(x) if binary is None else binary and is_binary(x):
         low, high = wilson_interval(int(x.sum()), x.size, confidence)
         return Estimate(value, low, high, x.size, "wilson")
     if x.size == 1:
@@ -280,12 +283,14 @@ def compare(
     *,
     seed: int = 0,
     resamples: int = RESAMPLES,
+    binary: bool | None = None,
 ) -> Comparison:
     """Compare a treatment with its control on the sample ids scored in both.
 
     Ids in only one of them are ignored (e.g. a sample that failed in one trial). Pairs are
     taken in sorted id order, so the result does not depend on dict order. Binary scores get
-    McNemar's exact p and Newcombe's paired interval; other scores a paired bootstrap.
+    McNemar's exact p and Newcombe's paired interval; other scores a paired bootstrap
+    (`binary=False`: a paired bootstrap whatever these values are; see mean_estimate).
     """
     common = sorted(set(treatment) & set(control))
     if not common:
@@ -295,7 +300,7 @@ def compare(
     wins = int(np.count_nonzero(t > c))
     losses = int(np.count_nonzero(t < c))
     n = len(common)
-    if is_binary(t) and is_binary(c):
+    if binary is not False and is_binary(t) and is_binary(c):
         both = int(np.count_nonzero((t == 1) & (c == 1)))
         low, high = newcombe_paired_interval(
             both, wins, losses, n - both - wins - losses, confidence

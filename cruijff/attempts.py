@@ -1,6 +1,8 @@
 """After a Slurm attempt of a stage ends: what its job asked for, the scheduler's own view
 of it (sacct), why Slurm ended it where that is more than "failed" (OUT_OF_MEMORY, TIMEOUT),
-and what its retry asks for when `orchestration.grow_on_oom` says so.
+and what its retry asks for when `orchestration.grow_on_oom` says so. And, for any attempt,
+whether its failure would repeat (failure_class): `cruijff exec` reports that for the error
+its stage raised (report_failure), and the retry loop retries only transient failures.
 
 The worker that ran the attempt writes its record; this side (the run, on the login node)
 adds what only the scheduler knows, once the attempt is over, so the retry loop can decide
@@ -9,15 +11,20 @@ on it. A local attempt has none of this: nothing was asked, nothing grows.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from cruijff import sacct
 from cruijff.errors import CruijffError
-from cruijff.fileio import load_yaml_mapping
-from cruijff.runner import STOP, Trial, log_tail, read_usage
+from cruijff.fileio import atomic_write_text, load_yaml_mapping
+from cruijff.runner import FAILURE_REPORT, STOP, Trial, log_tail, read_usage
 from cruijff.settings import (
     GrowPolicy,
     ResourceProfile,
@@ -25,7 +32,7 @@ from cruijff.settings import (
     gpu_count,
     slurm_seconds,
 )
-from cruijff.state import StageRecord, now, read_record, write_record
+from cruijff.state import FailureClass, StageRecord, now, read_record, write_record
 
 FAILED_WAIT_S = 20.0
 """How long a failed attempt waits for sacct to show its step ended (the retry depends on
@@ -92,7 +99,11 @@ def settle(trial: Trial, stage: str, *, wait_s: float,
             record.status, record.finished = "failed", now()
             record.usage = record.usage or read_usage(trial, stage, {})
             record.error = "its Slurm worker job ended while it ran"
+            record.failure, record.failure_reason = "transient", record.error
         if record.outcome and record.status == "failed":
+            if record.deterministic:  # Slurm ended it: whatever the stage raised, retry
+                record.error = (record.error or "").split("\n", 1)[-1]
+            record.failure, record.failure_reason = "transient", describe(record)
             record.error = f"{describe(record)}\n{record.error or ''}".rstrip()
     write_record(trial.dir, record)
     return record
@@ -147,3 +158,59 @@ def settle_late(selection: list[tuple[Trial, list[str]]], wait_s: float = 10.0) 
                     and record.slurm.state not in sacct.FINAL_STATES):
                 settle(trial, stage, wait_s=wait_s, grown=record.grown)
 
+
+DETERMINISTIC = (CruijffError, ImportError, SyntaxError, TypeError, FileNotFoundError,
+                 NotADirectoryError, IsADirectoryError)
+"""Errors of the task or the config: the same inputs raise them again (an eval.py that
+cannot import, a task function given bad arguments, a file the config names missing)."""
+DETERMINISTIC_NAMES = frozenset({"DatasetGenerationError", "DatasetNotFoundError",
+                                 "SplitsNotFoundError", "EmptyDatasetError"})
+"""The same, by class name, from libraries cruijff does not import (Hugging Face datasets)."""
+TRANSIENT = (ConnectionError, TimeoutError, MemoryError, InterruptedError)
+TRANSIENT_NAMES = frozenset({"OutOfMemoryError", "HTTPError", "HfHubHTTPError", "ConnectError",
+                             "ConnectTimeout", "ReadTimeout", "RemoteProtocolError",
+                             "RemoteDisconnected", "ProtocolError", "DistNetworkError",
+                             "DistBackendError", "RateLimitError", "APIConnectionError",
+                             "APITimeoutError"})
+"""Whatever a retry may not meet again: memory, the network, a peer process. They win over
+DETERMINISTIC anywhere in an error's chain (a task function that failed to download its
+data is reported as a CruijffError wrapping the ConnectionError)."""
+MISSING_SPLIT = re.compile(r"\b(unknown|bad|missing|no) split\b", re.IGNORECASE)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and those it was raised from or while handling (even `from None`'s)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def failure_class(error: BaseException) -> tuple[FailureClass, str]:
+    """Would a stage that raised `error` fail the same way on a retry? (class, one line).
+    Anything not known to be the task's or the config's fault counts as transient."""
+    first = (str(error).splitlines() or [""])[0]
+    reason = first if isinstance(error, CruijffError) and first else \
+        f"{type(error).__name__}: {first}".rstrip(": ")
+    chain = _chain(error)
+    if any(isinstance(e, TRANSIENT) or type(e).__name__ in TRANSIENT_NAMES for e in chain):
+        return "transient", reason
+    if any(isinstance(e, DETERMINISTIC) or type(e).__name__ in DETERMINISTIC_NAMES
+           or getattr(e, "deterministic", False)
+           or (isinstance(e, ValueError) and MISSING_SPLIT.search(str(e))) for e in chain):
+        return "deterministic", reason
+    return "transient", reason
+
+
+def report_failure(error: BaseException) -> None:
+    """In `cruijff exec`, as its stage raises: write the failure's class where the runner
+    reads it (FAILURE_REPORT). A report that cannot be written leaves the failure transient:
+    reporting never changes how the stage itself ends."""
+    path = os.environ.get(FAILURE_REPORT)
+    if not path:
+        return
+    kind, reason = failure_class(error)
+    with suppress(OSError):
+        atomic_write_text(Path(path), json.dumps({"class": kind, "reason": reason[:500]}))

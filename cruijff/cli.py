@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the CLI imports the core lazily, so `--help` stays fast
     from cruijff.experiment import BuildRequest, Built
     from cruijff.pipeline import RunPlan
     from cruijff.runner import Experiment, Trial
+    from cruijff.stages import Headline
     from cruijff.summary import StageStatus, Summary
 
 Selection = list[tuple["Trial", list[str]]]
@@ -48,6 +49,19 @@ app.add_typer(server_app, name="server")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        out.print(f"cruijff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: Annotated[bool, typer.Option(
+        "--version", help="print cruijff's version and exit", callback=_print_version,
+        is_eager=True)] = False) -> None:
+    """Replicable fine-tuning, prompt-optimization and evaluation experiments."""
 
 ConfigPath = Annotated[
     Path, typer.Option("--config-path", "-c", help="the experiment config.yaml",
@@ -167,17 +181,15 @@ def _results(selection: Selection, *, held: bool) -> tuple[Table, list[dict], bo
     from cruijff.runner import trial_states
 
     stages = list(dict.fromkeys(s for _, trial_stages in selection for s in trial_stages))
-    # The outcome first (the eval's accuracy), then how it came about (the final loss).
+    # The outcome first (the eval's headline metric), then how it came about (the final loss).
     headlines = [(stage, h) for stage in reversed(stages) for h in STAGES[stage].headlines]
-    table = Table(title="trials")
-    for column in ("trial", "treatment", *stages, *(h.column for _, h in headlines)):
-        table.add_column(column, overflow="fold")
+    table_rows: list[tuple[str, Text, list[str], dict[str, Any]]] = []
     rows, all_done = [], True
     for trial, trial_stages in selection:
         states = trial_states(trial, trial_stages, held=held)
         all_done &= all(state.is_done for state in states.values())
-        values = {h.key: (states[stage].record.metrics.get(h.metric)
-                          if stage in states and states[stage].record else None)
+        values = {h.key: _headline_value(h, states[stage].record.metrics
+                                         if stage in states and states[stage].record else {})
                   for stage, h in headlines}
         cells = []
         for stage in stages:
@@ -190,12 +202,81 @@ def _results(selection: Selection, *, held: bool) -> tuple[Table, list[dict], bo
             if record and record.duration_s is not None and state.state != "reused":
                 text += f" {record.duration_s:.0f}s"
             cells.append(f"[{STATUS_STYLE.get(state.state, 'default')}]{text}[/]")
-        table.add_row(trial.id, Text(trial.label), *cells,
-                      *("-" if values[h.key] is None else format(values[h.key], h.format)
-                        for _, h in headlines))
+        table_rows.append((trial.id, Text(trial.label), cells, values))
+        errors = {s: state.record.error for s, state in states.items()
+                  if state.state in ("failed", "interrupted") and state.record
+                  and state.record.error}
         rows.append({"id": trial.id, "label": trial.label, **values,
-                     "stages": {s: state.state for s, state in states.items()}})
+                     "stages": {s: state.state for s, state in states.items()},
+                     **({"errors": errors} if errors else {})})
+    table = Table(title="trials")
+    columns, captions = [], []
+    for _, h in headlines:
+        column, caption = _headline_column(h, [values[h.key] for *_, values in table_rows])
+        columns.append(column)
+        captions += [caption] if caption else []
+    for column in ("trial", "treatment", *stages, *columns):
+        table.add_column(column, overflow="fold")
+    for trial_id, label, cells, values in table_rows:
+        table.add_row(trial_id, label, *cells,
+                      *(_headline_cell(h, values[h.key], named=columns[i] == h.column)
+                        for i, (_, h) in enumerate(headlines)))
+    table.caption = "; ".join(captions) or None
     return table, rows, all_done
+
+
+def _headline_value(headline: Headline, metrics: dict[str, Any]) -> Any:
+    """A trial's headline as `run --json` gives it: the value, or for a metric the user picks
+    (eval.metric) {"metric": "match/accuracy", "value": 0.5, "default": true}."""
+    if headline.named_by is None:
+        return metrics.get(headline.metric)
+    name = metrics.get(headline.named_by)
+    if name is None and headline.fallback in metrics:  # a record from before eval.metric
+        return {"metric": headline.fallback, "value": metrics[headline.fallback],
+                "default": None}
+    if name is None:
+        return None
+    return {"metric": name, "value": metrics.get(headline.metric),
+            "default": metrics.get(f"{headline.named_by}_default")}
+
+
+def _headline_column(headline: Headline, values: list[Any]) -> tuple[str, str]:
+    """The column's header and the table's caption line: the metric's own name when every
+    trial has the same one (`match/accuracy`), saying whether it is the default."""
+    from cruijff.stages.eval import describe_headline
+
+    if headline.named_by is None:
+        return headline.column, ""
+    named = {(v["metric"], v["default"]) for v in values if isinstance(v, dict)}
+    if len(named) == 1:
+        name, default = named.pop()
+        return name, describe_headline(name, default)
+    if not named:
+        return headline.column, ""
+    return headline.column, (f"{headline.column}: differs between trials (each cell names "
+                             "its scorer/metric)")
+
+
+def _headline_cell(headline: Headline, value: Any, *, named: bool) -> str:
+    """The value; `named`: with its scorer/metric (the column does not say which it is)."""
+    if isinstance(value, dict):
+        number = value["value"]
+        shown = "-" if number is None else format(number, headline.format)
+        return f"{shown} {value['metric']}" if named else shown
+    return "-" if value is None else format(value, headline.format)
+
+
+def _print_failures(rows: list[dict], experiment: Path) -> None:
+    """One line per failed stage, read from its record: the same whether the run was here or
+    on a served deployment (whose process printed nothing here)."""
+    for row in rows:
+        for stage, error in row.get("errors", {}).items():
+            last = error.strip().splitlines()[-1] if error.strip() else "no error recorded"
+            err.print(f"trial {row['id']} {stage} {row['stages'][stage]}: {last}",
+                      markup=False, soft_wrap=True)
+    if any("errors" in row for row in rows):
+        err.print(f"(`cruijff summary {experiment}` shows each failure's last lines and log)",
+                  markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -291,6 +372,7 @@ def run(
                           "trials": rows}))
     else:
         out.print(table)
+        _print_failures(rows, exp.path)
     if STOP.is_set():
         err.print(f"Stopped: running stages were ended and recorded as interrupted; finished "
                   f"ones are kept. `cruijff run {exp.path}` resumes.", markup=False,
@@ -429,6 +511,8 @@ def _print_summary(result: Summary, last_run: str | None) -> None:
         out.print(f"[red]trial {trial_id} {stage} {state}:[/]", soft_wrap=True)
         out.print("\n".join(f"  {line}" for line in error.splitlines()), markup=False,
                   soft_wrap=True)
+    if headline := result.headline_text():
+        out.print(headline, markup=False, soft_wrap=True)
     for notice in result.notices:
         out.print(f"note: {notice}", markup=False, soft_wrap=True)
 
@@ -795,10 +879,18 @@ def exec_stage(
     stage: Annotated[str, typer.Argument(help="stage name")],
     config: Annotated[Path, typer.Argument(help="the stage's config file")],
 ) -> None:
-    """Run one stage from its config file (what the flow and the .slurm scripts call)."""
+    """Run one stage from its config file (what the flow and the .slurm scripts call). An
+    error it raises is also reported as deterministic or transient, for the retry loop."""
     from cruijff.registry import STAGES
 
-    raise typer.Exit(STAGES[stage].execute(config))
+    try:
+        code = STAGES[stage].execute(config)
+    except Exception as exc:
+        from cruijff.attempts import report_failure
+
+        report_failure(exc)
+        raise
+    raise typer.Exit(code)
 
 
 @app.command()

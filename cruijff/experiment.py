@@ -48,6 +48,7 @@ from cruijff.settings import (
     describe_validation_error,
 )
 from cruijff.slurm import render_script
+from cruijff.splits import check_trial
 from cruijff.stages import Stage, TrialContext, pipeline_stages
 from cruijff.state import RECORDS, now
 from cruijff.tasks import TaskModule, load_task
@@ -81,7 +82,10 @@ class Built:
     sizes: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     """Trial id -> stage -> the size of its work (compute.stage_size)."""
     warnings: list[str] = field(default_factory=list)
-    """Profiles that ask for much less or much more than past runs used (one line each)."""
+    """Profiles that ask for much less or much more than past runs used, and splits cruijff
+    cannot check (one line each)."""
+    splits: dict[str, dict[str, dict[str, str | None]]] = field(default_factory=dict)
+    """Trial id -> stage -> what it reads -> the dataset split (None: the task chooses)."""
 
 
 def validate_experiment_name(name: str) -> str:
@@ -186,7 +190,7 @@ def _warned(built: Built, root: Path) -> Built:
     if not any("mem" in d.asked or "time" in d.asked for d in demands.values()):
         return built
     history = build_history(root)
-    built.warnings = [*history.problems,
+    built.warnings = [*built.warnings, *history.problems,
                       *request_warnings(list(demands.values()), history)]
     return built
 
@@ -219,7 +223,7 @@ def _check_data(trials: list[TrialSpec], config: ExperimentConfig) -> None:
     for trial in sorted(trials, key=lambda t: t.dataset):
         for stage in stages:
             if stage.enabled(trial):
-                stage.check_data(trial, config.data_dir / trial.dataset)
+                stage.check_data(trial, config.data_dir / trial.dataset, config.splits)
 
 
 def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, plan: Plan,
@@ -231,11 +235,13 @@ def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, p
     stages: dict[str, list[str]] = {}
     profiles: dict[str, dict[str, ResourceProfile]] = {}
     sizes: dict[str, dict[str, dict[str, float]]] = {}
+    splits: dict[str, dict[str, dict[str, str | None]]] = {}
+    warnings: list[str] = []
     parameters = {model: parameter_count(path) for model, path in model_paths.items()}
     for trial in plan.trials:
         profiles[trial.id], sizes[trial.id] = _render_trial(
             files, trial, config, task, dest, name, model_paths[trial.model],
-            parameters[trial.model])
+            parameters[trial.model], splits, warnings)
         stages[trial.id] = list(profiles[trial.id])
     files["config.yaml"] = dump_yaml({
         "name": name,
@@ -248,17 +254,21 @@ def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, p
         "notices": plan.notices,
         "trials": [{**t.to_dict(), "label": t.label, "stages": stages[t.id]} for t in plan.trials],
     })
-    return Built(name, dest, plan, config, stages, profiles=profiles, sizes=sizes), files
+    return Built(name, dest, plan, config, stages, profiles=profiles, sizes=sizes,
+                 warnings=warnings, splits=splits), files
 
 
 def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentConfig,
                   task: TaskModule, dest: Path, name: str, model_path: Path,
                   parameters: int | None,
+                  splits: dict[str, dict[str, dict[str, str | None]]], warnings: list[str],
                   ) -> tuple[dict[str, ResourceProfile], dict[str, dict[str, float]]]:
     """Add one trial's files (relative path -> text); return each enabled stage's resource
-    profile and work size, in pipeline order. Each `<stage>.slurm` asks for its stage's
-    profile; the trial's `resources` (what its worker jobs ask for) is the most any of its
-    stages asks for, and `stage_resources` each stage's own where they differ."""
+    profile and work size, in pipeline order; add what its stages read to `splits`, after
+    checking them (cruijff/splits.py; a split it cannot check goes to `warnings`). Each
+    `<stage>.slurm` asks for its stage's profile; the trial's `resources` (what its worker
+    jobs ask for) is the most any of its stages asks for, and `stage_resources` each stage's
+    own where they differ."""
     from cruijff.compute import stage_size
 
     folder = trial_dir_name(trial.id)
@@ -278,8 +288,12 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
     worker = config.worker_profile(key, list(profiles))
     sizes: dict[str, dict[str, float]] = {}
     commands = {}
+    resolved_all = {stage.name: stage.resolve(ctx) for stage in enabled}
+    reads = splits[trial.id] = check_trial(
+        trial.id, trial.dataset, ctx.data_path,
+        {stage: r.data for stage, r in resolved_all.items()}, warnings)
     for stage in enabled:
-        resolved = stage.resolve(ctx)
+        resolved = resolved_all[stage.name]
         command = stage.command(trial_dir, resolved.data, trial.model)
         if resolved.command != command:  # a run derives it again: never two commands
             raise CruijffError(
@@ -289,7 +303,8 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
         commands[stage.name] = command  # documentation: a run never reads it back
         sizes[stage.name] = stage_size(stage.name, resolved.data, parameters)
         stem = file_stem(stage.name)
-        files[f"{folder}/{stem}.yaml"] = dump_yaml(resolved.data)
+        render = getattr(resolved, "render", None)  # a stage that keeps its template's comments
+        files[f"{folder}/{stem}.yaml"] = render() if render else dump_yaml(resolved.data)
         files[f"{folder}/{stem}.slurm"] = render_script(
             job_name=f"cruijff-{name}-{trial.id}-{stage.name}",
             resources=profiles[stage.name],
@@ -310,6 +325,7 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
            if any(p.requests() != worker.requests() for p in profiles.values()) else {}),
         "stages": [s.name for s in enabled],
         "commands": commands,
+        "splits": reads,
         "sizes": sizes,
     })
     return profiles, sizes
@@ -490,6 +506,7 @@ def trial_rows(built: Built) -> list[dict[str, Any]]:
     """One row per trial, for tables and --json."""
     return [
         {"id": t.id, "model": t.model, "dataset": t.dataset, "label": t.label,
-         "control": t.control, "stages": built.stages[t.id]}
+         "control": t.control, "stages": built.stages[t.id],
+         "splits": built.splits.get(t.id, {})}
         for t in built.plan.trials
     ]

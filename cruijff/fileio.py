@@ -233,6 +233,15 @@ def dump_yaml(data: Any) -> str:
                      allow_unicode=True)
 
 
+def dump_yaml_unfolded(data: Any) -> str:
+    """dump_yaml without folding long strings across lines: each key's value starts on the
+    key's line, and a value without line breaks stays on it (so a comment can follow it;
+    cruijff/yaml_comments.py)."""
+    _inspect(data, "cannot write a value", stop_at_shared=False)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     allow_unicode=True, width=10**9)
+
+
 def umask() -> int:
     """The process umask, read without changing it (os.umask can only swap, which races
     with threads creating files); cruijff's own files honour it so colleagues sharing a

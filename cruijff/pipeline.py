@@ -189,7 +189,9 @@ def run_with_retries(trial: Trial, stage: str, key: str, submit: Submit, retries
     stage's fault (Dask queues a task on a busy worker) is submitted again for free. After each
     attempt that ran in a Slurm job, the scheduler's view of it is added to its record; one
     that ran out of memory is retried with more if `grow_on_oom` says so (said in one line);
-    `report` is shown each such settled record (the orchestrator's view of the attempt)."""
+    `report` is shown each such settled record (the orchestrator's view of the attempt). A
+    deterministic failure (its record's `failure`: an import error, a missing split, bad task
+    arguments) is not retried, which is said in one line: it would fail the same way."""
     attempt = unstarted = 0
     grown: dict[str, Any] | None = None
     while attempt <= retries:
@@ -206,6 +208,10 @@ def run_with_retries(trial: Trial, stage: str, key: str, submit: Submit, retries
         if done:
             return True
         attempt += 1
+        if attempt <= retries and record is not None and record.deterministic:
+            why = record.failure_reason or "it would fail the same way again"
+            say(f"trial {trial.id} {stage}: not retried: {why} (deterministic)")
+            return False
         if attempt <= retries:
             grown, line = grow(record, grow_on_oom, grown, trial)
             if line:

@@ -27,12 +27,21 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from cruijff.analysis import Comparison, Estimate, compare, holm, is_binary, mean_estimate
+from cruijff.analysis import (
+    RESAMPLES,
+    Comparison,
+    Estimate,
+    compare,
+    holm,
+    is_binary,
+    mean_estimate,
+)
 from cruijff.containment import check_contained
 from cruijff.errors import CruijffError
 from cruijff.experiment import experiment_config, trial_dir_name
 from cruijff.fileio import atomic_write_text, json_safe
-from cruijff.registry import DEFAULT_PIPELINE
+from cruijff.registry import DEFAULT_PIPELINE, STAGES
+from cruijff.stages.eval import describe_headline
 from cruijff.state import read_record
 from cruijff.store import (
     ExperimentRow,
@@ -64,7 +73,10 @@ REPORT_DIR = "report"
 ALPHA = 0.05
 CSV_COLUMNS = ("id", "label", "model", "dataset", "metric", "ci_low", "ci_high", "n",
                "diff_vs_control", "diff_low", "diff_high", "p", "p_holm", "method",
-               "final_loss", "wall_s", "control", "n_pairs", "ci_method", "status")
+               "final_loss", "wall_s", "control", "n_pairs", "ci_method", "status",
+               "headline", "headline_default", "scorer_metrics")
+"""The last three (added later, so older readers' columns keep their places): the trial's
+headline `<scorer>/<metric>`, whether it is the default, and every scorer's metrics (JSON)."""
 
 __all__ = [
     "CSV_COLUMNS",
@@ -100,6 +112,13 @@ class TrialResult:
     wall_s: float | None = None
     arm: str = "fine-tune"
     """How the trial adapts the model: base, prompt-opt, fine-tune or both."""
+    headline: str | None = None
+    """Its headline metric `<scorer>/<metric>`: its estimate is the mean of that scorer's
+    per-sample scores."""
+    headline_default: bool | None = None
+    """True: not chosen by eval.metric (the first scorer's first metric)."""
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    """Every metric of every scorer, as Inspect computed them (the eval record's)."""
 
     @property
     def has_results(self) -> bool:
@@ -111,9 +130,13 @@ class TrialResult:
             "id": self.id, "label": self.label, "model": self.model, "dataset": self.dataset,
             "control": self.control, "status": self.status, "detail": self.detail,
             "scorer": self.scorer,
+            "headline": None if self.headline is None else {
+                "metric": self.headline, "default": self.headline_default,
+                "text": describe_headline(self.headline, self.headline_default)},
             "metric": None if est is None else {
                 "value": est.value, "low": est.low, "high": est.high, "n": est.n,
                 "method": est.method},
+            "scorer_metrics": self.metrics,
             "vs_control": None if cmp is None else {
                 "n": cmp.n, "difference": cmp.difference, "low": cmp.low, "high": cmp.high,
                 "p": cmp.p_value, "p_holm": self.p_holm, "method": cmp.method,
@@ -156,6 +179,24 @@ class Analysis:
     files: list[Path] = field(default_factory=list)
     compute: list[StageCompute] = field(default_factory=list)
     """Every stage run of every trial, in trial and pipeline order."""
+    seed: int = 0
+
+    @property
+    def headlines(self) -> list[tuple[str, bool | None]]:
+        """The trials' headline metrics and whether each is the default (one, normally)."""
+        return list(dict.fromkeys((t.headline, t.headline_default) for t in self.trials
+                                  if t.headline is not None))
+
+    @property
+    def headline_text(self) -> str:
+        """`metric: match/accuracy (headline; default: first scorer's first metric)`."""
+        named = self.headlines
+        if len(named) == 1:
+            return f"metric: {describe_headline(*named[0])}"
+        if not named:
+            return "metric: none (no trial has scored samples)"
+        return ("metric: differs between trials (" + "; ".join(
+            f"{t.id} {t.headline}" for t in self.trials if t.headline) + ")")
 
     @property
     def missing(self) -> list[MissingTrial]:
@@ -169,6 +210,8 @@ class Analysis:
     def to_dict(self) -> dict[str, Any]:
         return json_safe({
             "experiment": self.experiment, "path": str(self.path), "metric": self.metric,
+            "headline": {"text": self.headline_text, "metrics": [
+                {"metric": name, "default": default} for name, default in self.headlines]},
             "confidence": self.confidence, "store": self.store_url,
             "report_dir": None if self.report_dir is None else str(self.report_dir),
             "files": [str(f) for f in self.files],
@@ -264,6 +307,16 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
         last_loss = dict(session.execute(
             select(MetricRow.trial_pk, MetricRow.value).where(
                 MetricRow.trial_pk.in_(pks), MetricRow.name == "loss_last")).all())
+        ran = session.scalars(select(MetricRow.stage).distinct()
+                              .where(MetricRow.trial_pk.in_(pks))).all()
+        scored = [stage for stage in ran if stage in STAGES and STAGES[stage].scores]
+        scorer_metrics: dict[int, dict[str, float | None]] = defaultdict(dict)
+        for pk, metric, value in session.execute(
+                select(MetricRow.trial_pk, MetricRow.name, MetricRow.value)
+                .where(MetricRow.trial_pk.in_(pks), MetricRow.stage.in_(scored))
+                .order_by(MetricRow.id)):
+            if metric not in BOOKKEEPING:
+                scorer_metrics[pk][metric] = value
         wall = dict(session.execute(
             select(StageRunRow.trial_pk, func.sum(StageRunRow.duration_s))
             .where(StageRunRow.trial_pk.in_(pks)).group_by(StageRunRow.trial_pk)).all())
@@ -277,21 +330,27 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
         rows = [(t.id, t.trial_id, t.label, t.model, t.dataset, t.control, t.eval_status,
                  t.eval_detail, t.scorer, ARMS[(t.use_fine_tune, t.use_prompt_opt)])
                 for t in trials]
+        headlines = {t.id: (t.metric, t.metric_default) for t in trials}
 
     # Per sample id, the mean over epochs: samples, not epochs, are the independent units.
     scores = {pk: {sid: sum(v) / len(v) for sid, v in by_id.items()}
               for pk, by_id in samples.items()}
+    # 0/1 statistics only where every trial's scores are 0/1: an error count or partial
+    # credit that happens to be all 0 or 1 in one trial is still not a proportion
+    binary = all(is_binary(list(s.values())) for s in scores.values()) and bool(scores)
     results: list[TrialResult] = []
     by_id: dict[str, tuple[TrialResult, dict[str, float]]] = {}
     for pk, trial_id, label, model, dataset, control, status, detail, scorer, arm in rows:
         mine = scores.get(pk, {})
         result = TrialResult(trial_id, label, model, dataset, control,
                              "ok" if status == "done" and mine else status, detail, scorer,
-                             arm=arm)
+                             arm=arm, metrics=scorer_metrics.get(pk, {}))
+        result.headline, result.headline_default = headlines[pk]
         if status == "done" and not mine:
             result.status, result.detail = "unreadable", "no scored samples in the store"
         if mine:
-            result.estimate = mean_estimate(list(mine.values()), confidence, seed=seed)
+            result.estimate = mean_estimate(list(mine.values()), confidence, seed=seed,
+                                            binary=binary)
         finite = [x for x in losses.get(pk, []) if x is not None]
         result.losses = losses.get(pk, [])
         result.final_loss = finite[-1] if finite else last_loss.get(pk)
@@ -306,9 +365,13 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
         if control is None or not control.has_results:
             result.note = f"control {result.control} has no results"
             continue
+        if control.headline != result.headline:
+            result.note = (f"not compared: control {control.id}'s headline is "
+                           f"{control.headline}, this trial's {result.headline}")
+            continue
         try:
             result.comparison = compare(by_id[result.id][1], control_scores, confidence,
-                                        seed=seed)
+                                        seed=seed, binary=binary)
         except ValueError as exc:
             result.note = str(exc)
     compared = [r for r in results if r.comparison is not None]
@@ -316,9 +379,12 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
                                 strict=True):
         result.p_holm = adjusted
 
-    binary = all(is_binary(list(s.values())) for s in scores.values()) and bool(scores)
     return Analysis(name, path, "accuracy" if binary else "mean score", confidence, results,
-                    store.url, compute=compute)
+                    store.url, compute=compute, seed=seed)
+
+
+BOOKKEEPING = frozenset({"samples", "headline_value", "headline_default"})
+"""An eval record's metrics that are not a scorer's (the scorer_metrics leave them out)."""
 
 
 def _stage_compute(trial_id: str, label: str, run: StageRunRow) -> StageCompute:
@@ -380,7 +446,11 @@ def csv_rows(analysis: Analysis) -> list[dict[str, str]]:
             "method": cmp.method if cmp else "", "final_loss": _csv_number(t.final_loss),
             "wall_s": _csv_number(t.wall_s), "control": t.control or "",
             "n_pairs": _csv_number(cmp and cmp.n), "ci_method": est.method if est else "",
-            "status": t.status,
+            "status": t.status, "headline": t.headline or "",
+            "headline_default": "" if t.headline_default is None
+            else str(t.headline_default).lower(),
+            "scorer_metrics": json.dumps(json_safe(t.metrics), allow_nan=False)
+            if t.metrics else "",
         })
     return rows
 
@@ -449,7 +519,8 @@ def analysis_table(analysis: Analysis) -> Any:
     """The analysis as a rich Table (what `cruijff analyze` prints)."""
     from rich.table import Table
 
-    table = Table(title=f"{analysis.experiment}: {analysis.metric} per trial")
+    table = Table(title=f"{analysis.experiment}: {analysis.metric} per trial; "
+                  f"{analysis.headline_text}", caption=" ".join(_method_lines(analysis)))
     for header in _headers(analysis):
         table.add_column(header, overflow="fold",
                          justify="left" if header in ("trial", "label") else "right")
@@ -491,7 +562,9 @@ ARM_HEADERS = ["adaptation", "trials", "best trial", "metric", "95% CI"]
 
 def _summary_lines(analysis: Analysis) -> list[str]:
     done = sum(t.has_results for t in analysis.trials)
-    lines = [f"{done} of {len(analysis.trials)} trials have results."]
+    text = analysis.headline_text
+    lines = [f"{text[0].upper()}{text[1:]}.",
+             f"{done} of {len(analysis.trials)} trials have results."]
     significant = [t for t in analysis.compared if t.p_holm is not None and t.p_holm <= ALPHA]
     if analysis.compared:
         lines.append(f"{len(significant)} of {len(analysis.compared)} treatments differ from "
@@ -500,12 +573,49 @@ def _summary_lines(analysis: Analysis) -> list[str]:
 
 
 METHODS = (
-    "The metric is the mean per-sample score (per sample averaged over epochs); 0/1 scores "
-    "get a Wilson interval, others a seeded percentile bootstrap. Each treatment is compared "
-    "with its control on the samples both scored, as pairs: McNemar's exact test with "
-    "Newcombe's interval for 0/1 scores, else a paired bootstrap. p-values are adjusted "
-    "across all treatments with Holm's method."
+    "The metric is the mean per-sample score of the headline metric's scorer (per sample "
+    "averaged over epochs; CORRECT/INCORRECT/PARTIAL count 1/0/0.5, numbers as they are); "
+    "0/1 scores get a Wilson interval, others (partial credit, continuous scores) a seeded "
+    "percentile bootstrap. Each treatment is compared with its control on the samples both "
+    "scored, as pairs: McNemar's exact test with Newcombe's interval for 0/1 scores, else a "
+    "paired bootstrap. Δ is treatment minus control, and wins/losses count the samples where "
+    "the treatment scores higher/lower: for a metric where lower is better (an error), a "
+    "negative Δ is the improvement. p-values are adjusted across all treatments with Holm's "
+    "method. Every scorer's own metrics (as Inspect computed them) are listed beside it."
 )
+
+CI_METHODS = {"wilson": "Wilson score interval (0/1 scores)",
+              "bootstrap": "percentile bootstrap of the mean score ({resamples:,} resamples, "
+                           "seed {seed})"}
+TEST_METHODS = {"mcnemar-exact": "McNemar's exact test with Newcombe's interval (0/1 pairs)",
+                "paired-bootstrap": "paired bootstrap of the mean difference ({resamples:,} "
+                                    "resamples, seed {seed})"}
+
+
+def _method_lines(analysis: Analysis) -> list[str]:
+    """Which interval and which test each trial got, named: `Intervals: Wilson score
+    interval (0/1 scores) for a, b; percentile bootstrap of the mean score (...) for c.`"""
+    def named(kind: str, methods: dict[str, str], used: dict[str, str]) -> str:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for trial, method in used.items():
+            groups[method].append(trial)
+        return f"{kind}: " + "; ".join(
+            methods.get(method, method).format(resamples=RESAMPLES, seed=analysis.seed)
+            + f" for {', '.join(trials)}" for method, trials in groups.items()) + "."
+
+    intervals = {t.id: t.estimate.method for t in analysis.trials if t.estimate}
+    tests = {t.id: t.comparison.method for t in analysis.compared if t.comparison}
+    return ([named("Intervals", CI_METHODS, intervals)] if intervals else []) + (
+        [named("Tests vs control", TEST_METHODS, tests)] if tests else [])
+
+
+def scorer_metric_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    """Every scorer's metrics per trial (headers, rows): Inspect's own figures, the headline's
+    scorer and the others alike; empty when no trial has any."""
+    names = list(dict.fromkeys(m for t in analysis.trials for m in t.metrics))
+    rows = [[t.id, t.label, *(_f(t.metrics.get(m)) for m in names)]
+            for t in analysis.trials if t.metrics]
+    return (["trial", "label", *names], rows) if rows else ([], [])
 
 
 COMPUTE_HEADERS = ["trial", "stage", "wall", "CPU", "peak RSS", "GPU peak", "asked", "use %",
@@ -552,11 +662,17 @@ def _compute_lines(analysis: Analysis) -> list[str]:
             "use): wall times only."]
 
 
+SCORER_METRICS_NOTE = ("Inspect's own figures from each eval log (a scorer's name before the "
+                       "slash where the task has several); the table above reads the "
+                       "headline's scorer.")
+
+
 def report_markdown(analysis: Analysis) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
-    out = [f"# {analysis.experiment}: results", "", *_summary_lines(analysis), ""]
+    out = [f"# {analysis.experiment}: results", "", *_summary_lines(analysis),
+           *_method_lines(analysis), ""]
     headers = _headers(analysis)
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(headers))) + "|")
@@ -568,6 +684,12 @@ def report_markdown(analysis: Analysis) -> str:
     if analysis.missing:
         out += ["", "## Trials without results", ""]
         out += [f"- {cell(m.describe())}" for m in analysis.missing]
+    metric_headers, metric_rows = scorer_metric_table(analysis)
+    if metric_rows:
+        out += ["", "## Every scorer's metrics", "", SCORER_METRICS_NOTE, "",
+                "| " + " | ".join(cell(h) for h in metric_headers) + " |",
+                "|---|---|" + "---:|" * (len(metric_headers) - 2)]
+        out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in metric_rows]
     if analysis.compute:
         out += ["", "## Compute", "", *_compute_lines(analysis), "",
                 "| " + " | ".join(COMPUTE_HEADERS) + " |",
@@ -904,7 +1026,18 @@ def report_html(analysis: Analysis) -> str:
     if analysis.missing:
         items = "".join(f"<li>{e(m.describe())}</li>" for m in analysis.missing)
         missing = f'<h2>Trials without results</h2><ul id="missing">{items}</ul>'
-    summary = "".join(f"<p>{e(line)}</p>" for line in _summary_lines(analysis))
+    summary = "".join(f"<p>{e(line)}</p>" for line in [*_summary_lines(analysis),
+                                                          *_method_lines(analysis)])
+    metric_headers, metric_rows = scorer_metric_table(analysis)
+    scorer_metrics = ""
+    if metric_rows:
+        head = "".join(f"<th>{e(h)}</th>" for h in metric_headers)
+        cells = "".join(f'<tr data-trial="{e(row[0])}">'
+                        + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
+                        for row in metric_rows)
+        scorer_metrics = (f"<h2>Every scorer's metrics</h2><p>{e(SCORER_METRICS_NOTE)}</p>"
+                          f'<table id="scorer-metrics"><thead><tr>{head}</tr></thead>'
+                          f"<tbody>{cells}</tbody></table>")
     if arms := arm_rows(analysis):
         head = "".join(f"<th>{e(h)}</th>" for h in ARM_HEADERS)
         cells = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
@@ -926,6 +1059,7 @@ def report_html(analysis: Analysis) -> str:
 {chr(10).join(body)}
 </tbody></table>
 {missing}
+{scorer_metrics}
 <h2>{e(analysis.metric.capitalize())} per trial</h2>
 {metric_plot(analysis)}
 <h2>Treatments vs their controls</h2>

@@ -43,6 +43,7 @@ from cruijff.stages import StageFailed
 from cruijff.state import (
     RECORDS,
     STAGE_ENVIRONMENT,
+    FailureClass,
     GpuUse,
     SlurmAccounting,
     StageRecord,
@@ -387,7 +388,9 @@ def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = N
     measured = usage_path(trial.dir, stage)
     measured.unlink(missing_ok=True)
     work_path(trial.dir, stage).unlink(missing_ok=True)
+    failure_path(trial.dir, stage).unlink(missing_ok=True)
     env["CRUIJFF_WORK_REPORT"] = str(work_path(trial.dir, stage))
+    env[FAILURE_REPORT] = str(failure_path(trial.dir, stage))
     if env.get("CRUIJFF_USAGE", "on") != "off":
         command = [sys.executable, "-m", "cruijff.usage", "--out", str(measured), "--",
                    *command]
@@ -424,17 +427,25 @@ def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = N
     elif proc.returncode != 0:
         record.status = "failed"
         record.error = f"exit code {proc.returncode}\n{log_tail(log)}"
+        record.failure, record.failure_reason = _failure_class(trial.dir, stage,
+                                                               proc.returncode)
     else:
         config = load_yaml_mapping(STAGES[stage].config_path(trial.dir), f"{stage} config")
         try:
             verified = STAGES[stage].verify(trial.dir, config)
-        except StageFailed as exc:
+        except StageFailed as exc:  # deterministic only where the stage says so
             record.status, record.error = "failed", str(exc)
+            record.failure = "deterministic" if getattr(exc, "deterministic", False) \
+                else "transient"
+            record.failure_reason = (str(exc).splitlines() or [""])[0]
         else:
             record.status = "done"
             record.outputs, record.metrics = verified.outputs, verified.metrics
             record.fingerprint = output_fingerprint(trial.dir, verified.outputs)
             throughput = verified.throughput
+    if record.deterministic:
+        why = record.failure_reason or "it would fail the same way again"
+        record.error = f"not retried: {why} (deterministic)\n{record.error}"
     record.usage = read_usage(trial, stage, throughput)
     write_record(trial.dir, record)
     return record
@@ -443,6 +454,37 @@ def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = N
 def usage_path(trial_dir: Path, stage: str) -> Path:
     """Where `python -m cruijff.usage` writes what an attempt used."""
     return trial_dir / RECORDS / f"{file_stem(stage)}.usage.json"
+
+
+FAILURE_REPORT = "CRUIJFF_FAILURE_REPORT"
+"""The file `cruijff exec` writes when its stage raises: {"class": "deterministic" or
+"transient", "reason": one line} (cruijff.attempts.report_failure). The exit status cannot
+carry it: a stage's own exit codes mean what the stage says."""
+
+
+def failure_path(trial_dir: Path, stage: str) -> Path:
+    """Where an attempt's failure report is written (FAILURE_REPORT)."""
+    return trial_dir / RECORDS / f"{file_stem(stage)}.failure.json"
+
+
+def _failure_class(trial_dir: Path, stage: str,
+                   returncode: int) -> tuple[FailureClass, str | None]:
+    """A failed attempt's class and reason: killed by a signal is transient, whatever it
+    wrote; else what its failure report says; with no (readable) report, transient."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return "transient", f"killed by {name}"
+    try:
+        report = json.loads(failure_path(trial_dir, stage).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "transient", None
+    kind = report.get("class") if isinstance(report, dict) else None
+    reason = report.get("reason") if isinstance(report, dict) else None
+    return ("deterministic" if kind == "deterministic" else "transient",
+            reason.splitlines()[0][:500] if isinstance(reason, str) and reason else None)
 
 
 def work_path(trial_dir: Path, stage: str) -> Path:
@@ -507,6 +549,8 @@ def _attempt_summary(record: StageRecord) -> dict[str, Any]:
                                "where": record.where, "error": record.error}
     if record.outcome:
         summary["outcome"] = record.outcome
+    if record.failure:
+        summary["failure"] = record.failure
     if record.usage:
         summary["wall_s"] = record.usage.wall_s
     peaks = [record.usage.peak_rss_mib if record.usage else None,
@@ -564,7 +608,7 @@ def archive_stages(experiment: Experiment, selection: list[tuple[Trial, list[str
             spec = STAGES[stage]
             config = load_yaml_mapping(spec.config_path(trial.dir), f"{stage} config")
             paths = [record_path(trial.dir, stage), usage_path(trial.dir, stage),
-                     work_path(trial.dir, stage),
+                     work_path(trial.dir, stage), failure_path(trial.dir, stage),
                      *(p for _, p in _attempt_logs(trial.dir / "logs", stage))]
             links = [trial.dir / name for name in spec.folders
                      if (trial.dir / name).is_symlink()]

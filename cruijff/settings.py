@@ -205,6 +205,35 @@ def most_of(profiles: dict[str, ResourceProfile], where: str) -> ResourceProfile
     return ResourceProfile(**merged)
 
 
+ROLES = ("train", "validation", "test")
+"""cruijff's split roles: fine-tuning and demonstrations, prompt scoring, the eval."""
+
+
+class SplitNames(BaseModel):
+    """`splits`: which of a dataset file's splits plays each of cruijff's roles. A split a
+    stage config names by a role (`train`, `validation`, `test`) is read from the split mapped
+    here: `{test: validation}` evaluates a task whose `split` is `test` on 'validation'."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: str = Field("train", description="fine-tuning and prompt demonstrations")
+    validation: str = Field("validation", description="scoring prompt candidates")
+    test: str = Field("test", description="the eval (for a task that takes `split`)")
+
+    @field_validator("train", "validation", "test", mode="before")
+    @classmethod
+    def _split_name(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v or v != v.strip() or not v.isprintable():
+            raise ValueError(f"split name {v!r} must be a non-empty string without "
+                             "surrounding spaces or control characters")
+        return v
+
+    def dataset_split(self, split: str) -> str:
+        """The dataset's split for a split name a config gives (a role, or any other name,
+        which stays as it is)."""
+        return str(getattr(self, split)) if split in ROLES else split
+
+
 class GrowPolicy(BaseModel):
     """`orchestration.grow_on_oom`: a Slurm attempt that ran out of memory is retried asking
     for `factor` times the memory, never more than `max_mem`."""
@@ -293,6 +322,11 @@ class ExperimentConfig(BaseSettings):
         default_factory=lambda: list(DEFAULT_PIPELINE),
         description="the stages a trial may run, in order (use_fine_tune/use_prompt_opt "
         "still switch theirs off); registered stages only",
+    )
+    splits: SplitNames = Field(
+        default_factory=SplitNames,
+        description="the dataset split each of cruijff's roles reads: {train, validation, "
+        "test}, e.g. {test: validation} for data without a test split",
     )
 
     @classmethod

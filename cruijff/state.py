@@ -25,6 +25,10 @@ RECORDS = ".cruijff"
 Status = Literal["running", "done", "failed", "reused", "interrupted"]
 Outcome = Literal["OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "CANCELLED"]
 """Why Slurm ended an attempt, where that is more than "failed" (read from sacct)."""
+FailureClass = Literal["deterministic", "transient"]
+"""Would a failed attempt fail again? deterministic: the task or the config is wrong (an
+import error, a missing split or file, bad task arguments): not retried. transient: killed,
+out of memory or time, a lost node or network, anything unknown: retried."""
 
 
 @dataclass
@@ -131,12 +135,22 @@ class StageRecord:
     outcome: Outcome | None = None
     grown: dict[str, Any] | None = None
     """What grow_on_oom asked for on this attempt beyond its profile ({"mem": 4, ...})."""
+    failure: FailureClass | None = None
+    """Of a failed attempt: whether a retry could help (None: done, or recorded before
+    cruijff classified failures, which then counts as transient)."""
+    failure_reason: str | None = None
+    """The one line the class was judged on (the stage's error, or how it was killed)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # see _RECORD
 
     @property
     def is_done(self) -> bool:
         return self.status in ("done", "reused")
+
+    @property
+    def deterministic(self) -> bool:
+        """Failed in a way every retry would repeat: the retry loop stops here."""
+        return self.status == "failed" and self.failure == "deterministic"
 
 
 def output_fingerprint(trial_dir: Path, outputs: list[str]) -> dict[str, int]:

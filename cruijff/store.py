@@ -61,7 +61,7 @@ from cruijff.state import StageRecord, read_record
 from cruijff.urls import mask_url
 from cruijff.utilization import AttemptUse, attempt_use
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 DEFAULT_FILE = "results.sqlite"
 
 __all__ = [
@@ -131,7 +131,12 @@ class TrialRow(Base):
     eval_log: Mapped[str | None] = mapped_column(Text)
     """The Inspect log the samples came from, relative to the trial folder."""
     scorer: Mapped[str | None] = mapped_column(String(200))
-    """The log's primary scorer (the first in its results): the trial's metric."""
+    """The scorer of the trial's headline metric, as its sample rows name it: the samples
+    analyze reads."""
+    metric: Mapped[str | None] = mapped_column(String(300))
+    """The headline metric, `<scorer>/<metric>` (eval.metric, else the first scorer's first)."""
+    metric_default: Mapped[bool | None] = mapped_column(Boolean)
+    """True: not chosen by eval.metric (the first scorer's first metric)."""
 
 
 class StageRunRow(Base):
@@ -436,6 +441,8 @@ class _Gathered:
     missing: MissingTrial | None
     log: Path | None = None
     """The eval log to read its samples from."""
+    headline: tuple[str, bool] | None = None
+    """The headline metric the eval recorded and whether it is the default."""
 
     def set_missing(self, reason: str, detail: str | None) -> None:
         self.columns["eval_status"], self.columns["eval_detail"] = reason, detail
@@ -476,6 +483,8 @@ def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
             "reused_from": record.reused_from, "error": record.error, **_use_columns(record),
         })
         for metric, value in record.metrics.items():
+            if isinstance(value, str):  # the headline's name: the trial's `metric` column
+                continue
             children[MetricRow].append({"stage": stage, "name": str(metric),
                                         "value": _number(value)})
         if not children[LossRow]:
@@ -490,10 +499,14 @@ def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
         "settings": dict(entry.get("settings") or {}),
         "treatment": dict(entry.get("treatment") or {}),
         "eval_status": "pending", "eval_detail": None, "eval_log": None, "scorer": None,
+        "metric": None, "metric_default": None,
     }
     gathered = _Gathered(columns, children, None)
     scoring = scoring_stage(stages)
     record = records.get(scoring) if scoring else None
+    chosen = record.metrics.get("headline") if record is not None else None
+    if isinstance(chosen, str):  # recorded by the eval (older records: the default)
+        gathered.headline = (chosen, record.metrics.get("headline_default") is not False)
     if record is None:
         gathered.set_missing("pending", f"no {scoring or 'eval'} record yet")
     elif record.status == "running":
@@ -539,21 +552,42 @@ def _losses(path: Path, trial_dir: Path, name: str, record: StageRecord) -> list
     return stage.losses(owner, config)
 
 
-def _apply_scores(gathered: _Gathered, scores: tuple[str | None, list[dict[str, Any]]] |
-                  BaseException) -> None:
+def _apply_scores(gathered: _Gathered, scores: LogScores | BaseException) -> None:
+    """The trial's sample rows (every scorer's), and which scorer's its headline reads."""
     log = gathered.log
     if isinstance(scores, BaseException):  # a truncated zip, a log of a newer Inspect, ...
         gathered.set_missing("unreadable", f"{log}: {type(scores).__name__}: {scores}")
         return
-    scorer, samples = scores
-    if not samples:
+    if not scores.rows:
         gathered.set_missing("unreadable", f"{log} has no scored samples")
         return
-    gathered.columns["eval_status"], gathered.columns["scorer"] = "done", scorer
-    gathered.children[SampleRow] = samples
+    metric, default = gathered.headline or (scores.default, True)
+    present = list(dict.fromkeys(row["scorer"] for row in scores.rows))
+    if metric is None:  # the log names no metric: its first scorer's samples
+        metric = present[0]
+    name = metric.rpartition("/")[0] or metric
+    scorer = scores.scorers.get(name, name)
+    if scorer not in present and default:  # the first scorer scored no sample: as before,
+        scorer = metric = present[0]  # the first that did
+    if scorer not in present:
+        gathered.set_missing("unreadable", f"{log} has no per-sample scores of scorer "
+                             f"{name!r} (headline {metric}); it has {', '.join(present)}")
+        return
+    gathered.columns.update(eval_status="done", scorer=scorer, metric=metric,
+                            metric_default=default)
+    gathered.children[SampleRow] = scores.rows
 
 
-LogScores = tuple[str | None, list[dict[str, Any]]]
+@dataclass(frozen=True)
+class LogScores:
+    """What the store reads from an eval log: every scorer's per-sample rows."""
+
+    scorers: dict[str, str]
+    """A results scorer's name -> its sample rows' name (`<scorer>/<key>` for a key of a
+    scorer whose value is a dict)."""
+    default: str | None
+    """The first scorer's first metric: the headline where eval.metric chose none."""
+    rows: list[dict[str, Any]]
 
 
 def _read_logs(paths: list[Path]) -> list[LogScores | BaseException]:
@@ -586,7 +620,7 @@ async def _read_logs_async(paths: list[Path]) -> list[LogScores | BaseException]
 
 
 def read_scores(log_path: Path) -> LogScores:
-    """(primary scorer, sample rows) of a successful Inspect log (see _score_rows)."""
+    """Every scorer's sample rows of a successful Inspect log (see _score_rows)."""
     from inspect_ai.log import read_eval_log, read_eval_log_sample_summaries
 
     if not log_path.is_file():
@@ -616,7 +650,10 @@ def _score_rows(header: Any, summaries: list[Any]) -> LogScores:
 
     if header.status != "success":
         raise ValueError(f"log status is {header.status}, not success")
-    scorers = [s.name for s in header.results.scores] if header.results else []
+    results = header.results.scores if header.results else []
+    scorers = {s.name: s.name if s.name == s.scorer else f"{s.scorer}/{s.name}"
+               for s in results}
+    default = next((f"{s.name}/{m}" for s in results for m in s.metrics), None)
     to_float = value_to_float()
     rows: list[dict[str, Any]] = []
     for sample in summaries:
@@ -637,6 +674,4 @@ def _score_rows(header: Any, summaries: list[Any]) -> LogScores:
                     "sample_id": str(sample.id), "epoch": int(sample.epoch), "score": number,
                     "answer": _text(score.answer), "target": target,
                 })
-    present = list(dict.fromkeys(row["scorer"] for row in rows))
-    primary = next((s for s in scorers if s in present), present[0] if present else None)
-    return primary, rows
+    return LogScores(scorers, default, rows)

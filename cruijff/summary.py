@@ -51,9 +51,35 @@ class Summary:
     def complete(self) -> bool:
         return all(s.state in DONE_STATES for t in self.trials for s in t.stages.values())
 
+    @property
+    def headlines(self) -> list[tuple[str, bool | None]]:
+        """The headline metrics the trials' evals recorded (eval.metric, else the first
+        scorer's first metric), and whether each is the default: one, normally."""
+        return list(dict.fromkeys(
+            (s.metrics["headline"], s.metrics.get("headline_default"))
+            for t in self.trials for s in t.stages.values()
+            if isinstance(s.metrics.get("headline"), str)))
+
+    def headline_text(self) -> str | None:
+        """`headline: match/accuracy (headline; default: ...)`, per trial where they differ;
+        None before any eval recorded one."""
+        from cruijff.stages.eval import describe_headline
+
+        named = self.headlines
+        if not named:
+            return None
+        if len(named) == 1:
+            return f"metric: {describe_headline(*named[0])}"
+        return "metric: differs between trials (" + "; ".join(
+            f"{t.id} {s.metrics['headline']}" for t in self.trials
+            for s in t.stages.values() if isinstance(s.metrics.get("headline"), str)) + ")"
+
     def to_json(self) -> dict[str, Any]:
         return json_safe({"experiment": self.experiment, "running": self.running,
                           "complete": self.complete, "notices": self.notices,
+                          "headline": {"text": self.headline_text(), "metrics": [
+                              {"metric": name, "default": default}
+                              for name, default in self.headlines]},
                           "slurm_jobs": [asdict(j) for j in self.slurm_jobs],
                           "trials": [asdict(t) for t in self.trials]})
 

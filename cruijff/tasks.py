@@ -25,6 +25,7 @@ from cruijff.fileio import load_yaml_mapping
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DATA_ARGS = ("data_path", "data_ext")
+"""What cruijff passes a @task that takes them: the trial's data file, its extension."""
 
 
 def validate_name(value: object, what: str) -> str:
@@ -55,6 +56,11 @@ class TaskModule:
 
     def has_parameter(self, name: str) -> bool:
         return self.accepts_any or name in self.parameters
+
+    @property
+    def required(self) -> list[str]:
+        """Parameters without a default: a call that does not give each one fails."""
+        return [name for name, default in self.parameters.items() if default is REQUIRED]
 
     def build_dataset(self, dataset: str, data_dir: Path) -> Path:
         """Call data.py's build() for a missing dataset; the file must exist afterwards."""
@@ -170,13 +176,7 @@ def load_task(tasks_dir: Path, name: str) -> TaskModule:
         found = f"found {len(tasks)}" + (f": {', '.join(t.name for t in tasks)}" if tasks else "")
         raise CruijffError(f"task '{name}': eval.py must define exactly one @task ({found})")
     fn = tasks[0]
-    parameters, accepts_any = _parameters(fn)
-    missing = [a for a in DATA_ARGS if a not in parameters and not accepts_any]
-    if missing:
-        raise CruijffError(
-            f"task '{name}': @task {fn.name}() must accept {', '.join(DATA_ARGS)} "
-            f"(missing: {', '.join(missing)})"
-        )
+    parameters, accepts_any = _parameters(fn)  # DATA_ARGS are passed only where taken
 
     defaults: dict[str, Any] = {}
     if (folder / "eval.yaml").exists():

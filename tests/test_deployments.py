@@ -149,8 +149,10 @@ def test_failed_trials_are_rerun_by_the_rerun_deployment(served, site, prefect_e
     fault = tmp_path / "FAULT"
     fault.write_text("on")
     build(site, prefect_env, "rerun", "--treatment", f"eval.fault_file={fault}")
-    first = cruijff("run", "--local", site / "rerun", env=prefect_env)
+    first = cruijff("run", site / "rerun", env=prefect_env)  # on the served deployment
     assert first.returncode == 1
+    assert "Triggered deployment run" in first.stderr
+    assert "trial b eval failed: " in first.stderr, first.stderr  # why, as a local run says
     assert read_record(site / "rerun" / "trial-b", "eval").status == "failed"
     done_before = sorted((site / "rerun").glob("trial-a/logs/*-attempt*.log"))
 

@@ -52,8 +52,9 @@ def test_the_command_starts_one_process_per_requested_gpu(cli, project, family_m
     assert result.code == 0, result.err
     trial = project.experiments / "big" / "trial-a"
     command = launched(trial / "finetune.slurm")
-    assert command[1:5] == ["run", "--nproc_per_node", str(gpus), RECIPE]
-    assert command[5:] == ["--config", str(trial / "finetune.yaml")]
+    assert command[1:7] == ["--standalone", "--nproc_per_node", str(gpus), "-m",
+                            "cruijff.recipes.run", RECIPE]
+    assert command[7:] == ["--config", str(trial / "finetune.yaml")]
     assert yaml.safe_load((trial / "finetune.yaml").read_text())[PROCESSES] == gpus
     experiment = load_experiment(project.experiments / "big")
     assert stage_command(experiment.trials[0], "finetune") == command
@@ -158,9 +159,10 @@ def test_a_distributed_fine_tune_runs_two_processes_on_cpu_with_cuda_calls_shimm
                      "--dataset", "words_5L_80_100.json", "--stage", "finetune", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     trial = tmp_path / "big" / "trial-a"
-    assert launched(trial / "finetune.slurm")[1:5] == ["run", "--nproc_per_node", "2", RECIPE]
+    assert launched(trial / "finetune.slurm")[1:7] == ["--standalone", "--nproc_per_node", "2",
+                                                       "-m", "cruijff.recipes.run", RECIPE]
     final = trial / "checkpoints" / "final"
     assert (final / "adapter_model.pt").is_file()  # the config saves the adapter only
-    assert "Running with torchrun" in (trial / "logs" / "finetune-attempt1.log").read_text()
     record = json.loads((trial / ".cruijff" / "finetune.json").read_text())
     assert record["status"] == "done" and record["metrics"]["steps"] == 2
+    assert record["usage"]["max_processes"] >= 3  # torchrun and its two training processes

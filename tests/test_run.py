@@ -230,6 +230,7 @@ def test_a_failing_stage_fails_its_trial_only_after_its_retry(site, env):
     assert good.status == "done"
     assert bad.status == "failed" and bad.attempts == 2
     assert "has no split 'nope'" in bad.error
+    assert "trial b eval failed: " in result.stderr and "nope" in result.stderr
     assert (site / "failing" / "trial-b" / "logs" / "eval-attempt2.log").is_file()
     summary = cruijff("summary", site / "failing", env=env)
     assert summary.returncode == 1

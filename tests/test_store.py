@@ -15,6 +15,7 @@ from cruijff.errors import CruijffError
 from cruijff.state import StageRecord, write_record
 from cruijff.store import (
     DEFAULT_FILE,
+    SCHEMA_VERSION,
     ExperimentRow,
     LossRow,
     MetricRow,
@@ -260,7 +261,7 @@ def test_a_store_of_the_previous_schema_is_rebuilt_with_the_compute_columns(
         load_experiment_results(store, experiment)
         check_compute_columns(store)
         with store.session() as session:
-            assert session.get(StoreInfo, "schema_version").value == "3"
+            assert session.get(StoreInfo, "schema_version").value == str(SCHEMA_VERSION)
 
 
 def test_postgres_urls_use_psycopg() -> None:

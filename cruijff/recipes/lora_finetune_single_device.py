@@ -34,18 +34,16 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config
 
+from cruijff.metric_capture import install as install_metric_capture
+from cruijff.recipes import torchtune_recipe_path
+
 RECIPE = "lora_finetune_single_device"
 
 
 def _load_torchtune_recipe(name: str) -> ModuleType:
-    """torchtune's recipe file ``recipes/<name>.py`` (next to the installed ``torchtune``
-    package), loaded as a module without importing the ``recipes`` package."""
-    spec = importlib.util.find_spec("torchtune")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("torchtune is not installed")
-    path = Path(spec.origin).resolve().parent.parent / "recipes" / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"torchtune's recipe {name!r} not found at {path}")
+    """torchtune's recipe file ``recipes/<name>.py``, loaded as a module without importing
+    the ``recipes`` package."""
+    path = torchtune_recipe_path(name)
     module_name = f"_torchtune_recipe_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
@@ -125,7 +123,9 @@ def _report_work(path: str, training_tokens: int, train_s: float) -> None:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    """Entry point: ``--config <file>`` plus ``key=value`` overrides, as for ``tune run``."""
+    """Entry point: ``--config <file>`` plus ``key=value`` overrides, as for ``tune run``.
+    The config's metric logger, whichever it is, also feeds cruijff's capture file."""
+    install_metric_capture()
     config.log_config(recipe_name="LoRAFinetuneRecipeSingleDevice", cfg=cfg)
     recipe = LoRAFinetuneRecipeSingleDevice(cfg=cfg)
     recipe.setup(cfg=cfg)

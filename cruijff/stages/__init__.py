@@ -22,7 +22,7 @@ from cruijff.fileio import type_name
 from cruijff.models import Family
 from cruijff.plan import TrialSpec
 from cruijff.registry import DEFAULT_PIPELINE, STAGES, file_stem
-from cruijff.settings import ExperimentConfig
+from cruijff.settings import ExperimentConfig, SplitNames
 from cruijff.tasks import TaskModule
 
 
@@ -73,6 +73,12 @@ class Headline:
     """The key in the stage record's metrics: 'accuracy', 'loss_last'."""
     format: str
     """How a table shows it: '.3f'."""
+    named_by: str | None = None
+    """For a metric the user picks (eval.metric): the key in the record's metrics naming it
+    ('headline': 'match/accuracy'), and `<named_by>_default` whether it is the default; tables
+    say which it is."""
+    fallback: str | None = None
+    """The metric that records written before `named_by` existed carry instead."""
 
     @property
     def key(self) -> str:
@@ -138,9 +144,10 @@ class Stage(ABC):
         """The training loss per step of this trial's run, for stages that train."""
         return []
 
-    def check_data(self, trial: TrialSpec, data_path: Path) -> None:
+    def check_data(self, trial: TrialSpec, data_path: Path, splits: SplitNames) -> None:
         """At build, once the dataset exists: raise CruijffError (naming the file, what is
-        wrong and the fix) if this stage could not read it. Stages that leave reading it to
+        wrong and the fix) if this stage could not read it (`splits`: the config's names for
+        cruijff's split roles). Stages that leave reading it to
         the task's own code (in whatever format its data_ext names) check nothing."""
         return None
 

@@ -6,6 +6,7 @@ import copy
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from cruijff.adapters import LoraBase, checkpoint_shape, merged_model
 from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_yaml_mapping
 from cruijff.plan import TrialSpec
+from cruijff.prompt_wrap import apply_prompt
+from cruijff.splits import settle_eval_split
 from cruijff.stages import (
     Headline,
     Stage,
@@ -26,7 +29,7 @@ from cruijff.stages import (
 )
 from cruijff.stages.finetune import FINAL_CHECKPOINT, FinetuneStage
 
-EDITABLE = ("task_args", "model_args", "generate", "limit", "checkpoint")
+EDITABLE = ("task_args", "model_args", "generate", "limit", "checkpoint", "metric")
 """Top-level eval.yaml keys a user may set (the rest are cruijff's bookkeeping)."""
 
 
@@ -38,23 +41,63 @@ def _generate_fields() -> set[str]:
 
 def inspect_target(ctx: TrialContext) -> dict[str, Any]:
     """The task and model an Inspect-based stage evaluates for this trial: the fine-tuned
-    checkpoint when the trial fine-tunes, else the base model; greedy by default."""
+    checkpoint when the trial fine-tunes, else the base model; greedy by default. The task
+    gets only the arguments it takes: data_path and data_ext where it has them (the data
+    file stays `data_path` of the config, for cruijff's own use), then eval.yaml's defaults,
+    the experiment's eval_config and the design's `eval.<arg>`. A required argument none of
+    them gives is a build error, not a TypeError after every fine-tune has run."""
     task = ctx.task
     model = (ctx.trial_dir / FINAL_CHECKPOINT) if ctx.trial.use_fine_tune else ctx.model_path
     family = ctx.family
+    data = {"data_path": str(ctx.data_path), "data_ext": ctx.data_path.suffix.lstrip(".")}
+    task_args = {
+        **copy.deepcopy(task.defaults),
+        **{arg: value for arg, value in data.items() if task.has_parameter(arg)},
+    }
+    for arg, value in _task_arg_settings(ctx):  # type-checked as EvalStage._set does
+        if arg in task_args:
+            set_existing({"task_args": task_args}, f"task_args.{arg}", value,
+                         f"task '{task.name}' args", EvalStage.name)
+        else:
+            task_args[arg] = value
+    chosen = ("system_prompt", "fewshot") if ctx.trial.use_prompt_opt else ()  # prompt_opt's
+    missing = [arg for arg in task.required if arg not in task_args and arg not in chosen]
+    if missing:
+        raise CruijffError(
+            f"task '{task.name}': @task {task.function}() requires {missing[0]!r}, which "
+            f"nothing gives it: set it in {task.folder / 'eval.yaml'} (`{missing[0]}: ...`), "
+            f"in the experiment's eval_config, or per trial as `eval.{missing[0]}` in the "
+            "design")
     return {
         "task": task.name,
         "task_file": str(task.eval_file),
         "task_function": task.function,
-        "task_args": {
-            **copy.deepcopy(task.defaults),
-            "data_path": str(ctx.data_path),
-            "data_ext": ctx.data_path.suffix.lstrip("."),
-        },
+        "task_args": task_args,
+        "data_path": data["data_path"],
         "model": f"hf/{model}",
         "model_args": {"do_sample": False, **(family.eval_model_args if family else {})},
         "generate": dict(family.eval_generate) if family else {},
     }
+
+
+def _task_arg_settings(ctx: TrialContext) -> list[tuple[str, Any]]:
+    """The task arguments the experiment's eval_config and the trial's `eval.*` design keys
+    set, in that order, read as EvalStage._set reads them (which reports the other keys)."""
+    sources = [EvalStage().overrides(ctx.trial)]
+    if ctx.config.eval_config is not None:
+        sources.insert(0, load_yaml_mapping(ctx.config.eval_config, "eval_config file"))
+    found: list[tuple[str, Any]] = []
+    for source in sources:
+        for key, value in source.items():
+            head, _, rest = str(key).partition(".")
+            if head == "task_args" and not rest and isinstance(value, dict):
+                pairs = [(str(k), v) for k, v in value.items()]
+            elif head == "task_args" and rest:
+                pairs = [(rest, value)]
+            else:
+                pairs = [(head, value)] if not rest and head not in EDITABLE else []
+            found += [(arg, v) for arg, v in pairs if ctx.task.has_parameter(arg)]
+    return found
 
 
 def check_prompt_format(ctx: TrialContext, model_args: dict[str, Any]) -> None:
@@ -88,7 +131,8 @@ def task_factory(config: dict[str, Any]) -> Any:
         except Exception as exc:  # the task's own code: its error, not cruijff's
             raise CruijffError(f"task '{config['task']}': {config['task_function']}() "
                                f"failed: {type(exc).__name__}: {exc}") from None
-        give_ids(task, str(args.get("split") or default_split or "sample"))
+        give_ids(task, str(args.get("split") or default_split or config.get("reads_split")
+                           or "sample"))
         return task
 
     return make_task
@@ -163,10 +207,91 @@ def log_metrics(log: Any) -> dict[str, Any]:
     return metrics
 
 
+DEFAULT_HEADLINE = "first scorer's first metric"
+"""What `eval.metric` is when not set (the words every output shows beside it)."""
+
+
+def describe_headline(name: str, default: bool | None) -> str:
+    """How every output names the headline: `match/accuracy (headline; default: first
+    scorer's first metric)`; None: a record from before eval.metric (its one scorer's)."""
+    how = {True: f"default: {DEFAULT_HEADLINE}", False: "chosen by eval.metric",
+           None: "its only scorer's, recorded before eval.metric"}[default]
+    return f"{name} (headline; {how})"
+
+
+def parse_metric(value: Any, source: str) -> str:
+    """`eval.metric`: `<scorer>/<metric>` (match/accuracy) or `<metric>` (of the first
+    scorer). Only its form is checked at build: a task's scorers are known once it ran."""
+    ok = isinstance(value, str) and value.strip() == value and " " not in value
+    scorer, slash, metric = value.rpartition("/") if ok else ("", "", "")
+    if not ok or not metric or (slash and not scorer):
+        raise CruijffError(f"eval key 'metric' ({source}) must be '<scorer>/<metric>' (such "
+                           f"as match/accuracy) or '<metric>' (of the first scorer), not "
+                           f"{value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class HeadlineMetric:
+    """The one metric tables, prompt search and analyze report: `<scorer>/<metric>`."""
+
+    name: str
+    value: float | None
+    default: bool
+    """Not chosen by eval.metric: the first scorer's first metric."""
+
+    @property
+    def scorer(self) -> str:
+        return self.name.rpartition("/")[0]
+
+    def record(self) -> dict[str, Any]:
+        """Its entries in a stage record's metrics (read back by the views and the store)."""
+        return {"headline": self.name, "headline_value": self.value,
+                "headline_default": self.default}
+
+
+def scorer_metrics(log: Any) -> dict[str, float | None]:
+    """`<scorer>/<metric>` -> value for every metric of every scorer, in the log's order."""
+    scores = log.results.scores if log.results else []
+    return {f"{score.name}/{name}": None if metric.value is None else float(metric.value)
+            for score in scores for name, metric in score.metrics.items()}
+
+
+def headline_metric(log: Any, choice: str | None) -> HeadlineMetric | None:
+    """The headline of an Inspect log: `choice` (eval.metric), else the first scorer's first
+    metric; None for a log without metrics when none was chosen. A chosen metric the log does
+    not have is a CruijffError naming the ones it has."""
+    available = scorer_metrics(log)
+    if choice is None:
+        first = next(iter(available), None)
+        return None if first is None else HeadlineMetric(first, available[first], True)
+    name = choice
+    if "/" not in choice and log.results and log.results.scores:
+        name = f"{log.results.scores[0].name}/{choice}"
+    if name not in available:
+        raise CruijffError(f"eval.metric {choice!r}: the eval log has no metric {name!r}; it "
+                           f"has {', '.join(available) or 'none (the task has no scorer)'}")
+    return HeadlineMetric(name, available[name], False)
+
+
+def _raise_if_import_error(logs: list[Any], task: str) -> None:
+    """A scorer or solver whose lazy import failed fails every retry the same way: say so as
+    cruijff's own error (deterministic, not retried), naming the module."""
+    for log in logs:
+        message = log.error.message if log.error else ""
+        # Inspect writes `ModuleNotFoundError("No module named 'x'")`, a log `...Error: ...`
+        found = re.search(r"\b(ModuleNotFoundError|ImportError)\b(.*)", message)
+        if found:
+            text = found.group(2).strip().strip(":()").strip().strip("\"")
+            raise CruijffError(f"task '{task}': {found.group(1)}: {text} (install it in "
+                               "cruijff's environment; see README: a task's extras)")
+
+
 class EvalStage(Stage):
     name = "eval"
     backend = "inspect-ai"
-    headlines = (Headline("accuracy", "accuracy", ".3f"),)
+    headlines = (Headline("headline", "headline_value", ".3f", named_by="headline",
+                          fallback="accuracy"),)
     scores = True
 
     def enabled(self, trial: TrialSpec) -> bool:
@@ -188,6 +313,7 @@ class EvalStage(Stage):
             self._set(config, ctx, key, value, "design")
         if ctx.trial.use_fine_tune and FinetuneStage.name in ctx.config.pipeline:
             check_prompt_format(ctx, config["model_args"])
+        settle_eval_split(config, ctx)  # the split it reads, as the dataset names it
         return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
 
     def execute(self, config_path: Path) -> int:
@@ -202,15 +328,18 @@ class EvalStage(Stage):
         # the task's folder on sys.path while it runs: a scorer may import its modules lazily
         with loadable(config, config_path.parent, self.name) as model_args, \
                 task_imports(Path(config["task_file"]).parent):
-            success, _ = eval_set(
-                tasks=[make_task(**config["task_args"])],
+            success, logs = eval_set(  # prompt_opt's choice around a task that does not take it
+                tasks=[apply_prompt(make_task(**config["task_args"]), config.get("prompt"))],
                 log_dir=config["log_dir"],
                 model=config["model"],
                 model_args=model_args,
                 limit=config["limit"],
                 display="plain",
-                **config["generate"],
+                retry_attempts=0,  # cruijff's retries decide (a failure that repeats is not
+                **config["generate"],  # retried; a retry re-runs only the failed samples)
             )
+        if not success:
+            _raise_if_import_error(logs, config["task"])
         return 0 if success else 1
 
     def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
@@ -229,8 +358,14 @@ class EvalStage(Stage):
             error = log.error.message.splitlines()[0] if log.error else "no error recorded"
             raise StageFailed(f"eval log status is {log.status}: {error}")
         location = Path(newest.name.removeprefix("file://"))
-        return Verified([str(location.relative_to(trial_dir))], log_metrics(log),
-                        eval_throughput(log))
+        metrics = log_metrics(log)
+        try:  # eval.metric names a scorer/metric the task's log does not have: one line
+            headline = headline_metric(log, config.get("metric"))
+        except CruijffError as exc:
+            raise StageFailed(str(exc)) from None
+        if headline is not None:
+            metrics.update(headline.record())
+        return Verified([str(location.relative_to(trial_dir))], metrics, eval_throughput(log))
 
     def _set(self, config: dict[str, Any], ctx: TrialContext, key: str, value: Any,
              source: str) -> None:
@@ -273,6 +408,8 @@ class EvalStage(Stage):
                                    f"'epoch_<N>', not {value!r}")
             config["checkpoint"] = value
             config["model"] = f"hf/{ctx.trial_dir / Path(FINAL_CHECKPOINT).parent / value}"
+        elif head == "metric" and not rest:
+            config["metric"] = parse_metric(value, source)
         elif head == "limit" and not rest:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise CruijffError(f"eval key 'limit' ({source}) must be an integer")
@@ -280,6 +417,6 @@ class EvalStage(Stage):
         else:
             raise CruijffError(
                 f"unknown eval key '{key}' ({source}){did_you_mean(head, EDITABLE)}: use "
-                "task_args.<arg>, model_args.<arg>, generate.<field>, limit, checkpoint, or a "
-                "task argument"
+                "task_args.<arg>, model_args.<arg>, generate.<field>, limit, checkpoint, "
+                "metric, or a task argument"
             )

@@ -1,24 +1,30 @@
-"""Fine-tuning with torchtune: `tune run [--nproc_per_node N] <recipe> --config finetune.yaml`."""
+"""Fine-tuning with torchtune: torchtune's recipe for the model, run by cruijff's launcher
+(`python -m cruijff.recipes.run <recipe> --config finetune.yaml`, under `torchrun` for a
+distributed one) so that cruijff reads the losses whatever metric logger the config picks."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import inspect
 import json
 import os
 import re
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cruijff.adapters import checkpoint_shape
 from cruijff.components import check_components, named_components
 from cruijff.errors import CruijffError
-from cruijff.fileio import load_yaml_mapping
+from cruijff.fileio import dump_yaml, load_yaml_mapping
+from cruijff.metric_capture import CAPTURE_FILE, CAPTURE_KEY
 from cruijff.models import checkpoint_files, family_of, model_key, torchtune_config_path
 from cruijff.plan import TrialSpec
-from cruijff.settings import ResourceProfile
+from cruijff.settings import ResourceProfile, SplitNames
 from cruijff.stages import (
     Headline,
     Stage,
@@ -38,14 +44,15 @@ LOG_DIR = "logs/finetune"
 """Where torchtune's metric logger writes (relative to the trial folder)."""
 
 
-def dataset_section(data_path: Path) -> dict[str, Any]:
-    """The task's dataset as torchtune reads it: a JSON file whose 'train' list holds
-    {input, output} records (the convention every cruijff task's data.py follows)."""
+def dataset_section(data_path: Path, train: str = "train") -> dict[str, Any]:
+    """The task's dataset as torchtune reads it: a JSON file whose training list (`train`,
+    or the split config.yaml's `splits.train` names) holds {input, output} records (the
+    convention every cruijff task's data.py follows)."""
     return {
         "_component_": "torchtune.datasets.instruct_dataset",
         "source": "json",
         "data_files": str(data_path),
-        "field": "train",
+        "field": train,
         "split": "train",
         "column_map": {"input": "input", "output": "output"},
         "train_on_input": False,
@@ -105,10 +112,11 @@ def _trusted_components(path: Path) -> frozenset[str]:
     return named_components(_load_default(path))
 
 
-def tune_executable() -> str:
-    """The `tune` next to this interpreter, so scripts work without an activated venv."""
-    beside = Path(sys.executable).with_name("tune")
-    return str(beside) if beside.exists() else "tune"
+def beside_python(name: str) -> str:
+    """The command `name` next to this interpreter (`tune`, `torchrun`), so scripts work
+    without an activated venv."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
 
 
 LOSS = re.compile(r"\bloss:([-+0-9.eE]+|nan|inf)")
@@ -121,16 +129,24 @@ def _newest_log(log_dir: Path) -> str:
     return logs[-1].read_text(encoding="utf-8") if logs else ""
 
 
+def _losses_in(text: str) -> list[float]:
+    return [float(m.group(1)) for m in LOSS.finditer(text)]
+
+
 def training_losses(log_dir: Path) -> list[float]:
     """Loss per step from the newest torchtune DiskLogger file in log_dir."""
-    return [float(m.group(1)) for m in LOSS.finditer(_newest_log(log_dir))]
+    return _losses_in(_newest_log(log_dir))
 
 
 def logged_throughput(log_dir: Path, processes: int) -> dict[str, float]:
-    """What any torchtune recipe's metric log says of speed and GPU memory: the median of
+    """What the newest DiskLogger file in log_dir says of speed and GPU memory."""
+    return _throughput_in(_newest_log(log_dir), processes)
+
+
+def _throughput_in(text: str, processes: int) -> dict[str, float]:
+    """What any torchtune recipe's metric lines say of speed and GPU memory: the median of
     its per-step tokens/s per GPU times the processes, and the most memory torch held (the
     recipe logs GiB; on CUDA with log_peak_memory_stats)."""
-    text = _newest_log(log_dir)
     figures: dict[str, float] = {}
     speeds = sorted(float(m.group(1)) for m in TOKENS_PER_S.finditer(text))
     if speeds:
@@ -142,6 +158,70 @@ def logged_throughput(log_dir: Path, processes: int) -> dict[str, float]:
         if peaks:
             figures[key] = round(max(peaks) * 1024, 1)
     return figures
+
+
+def _log_dir(trial_dir: Path, config: dict[str, Any]) -> Path:
+    section = config.get("metric_logger")
+    log_dir = section.get("log_dir") if isinstance(section, dict) else None
+    return Path(log_dir) if isinstance(log_dir, str) and log_dir else trial_dir / LOG_DIR
+
+
+def metric_lines(trial_dir: Path, config: dict[str, Any]) -> tuple[str, Path]:
+    """The run's per-step metric lines and where they came from: cruijff's capture file
+    (cruijff/metric_capture.py, written whatever metric logger the config picks), else,
+    for a config without one (built before it existed) or a run that wrote no loss there,
+    the newest DiskLogger file in the metric logger's log_dir."""
+    capture = config.get(CAPTURE_KEY)
+    if isinstance(capture, str) and capture:
+        try:
+            text = Path(capture).read_text(encoding="utf-8")
+        except OSError:
+            text = ""
+        if LOSS.search(text):
+            return text, Path(capture)
+    log_dir = _log_dir(trial_dir, config)
+    return _newest_log(log_dir), log_dir
+
+
+@functools.lru_cache(maxsize=64)
+def _keywords(component: str) -> tuple[frozenset[str], bool] | None:
+    """The keyword arguments a component takes, and whether it takes any (**kwargs); None
+    when cruijff cannot tell (not importable here, no signature)."""
+    parts = component.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:cut]))
+        except Exception:  # not importable here: torchtune will say so when it runs
+            continue
+        try:
+            for part in parts[cut:]:
+                found = getattr(found, part)
+            signature = inspect.signature(found)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        kinds = {p.name: p.kind for p in signature.parameters.values()}
+        named = frozenset(name for name, kind in kinds.items()
+                          if kind not in (inspect.Parameter.VAR_KEYWORD,
+                                          inspect.Parameter.VAR_POSITIONAL))
+        return named, inspect.Parameter.VAR_KEYWORD in kinds.values()
+    return None
+
+
+def fit_log_dir(config: dict[str, Any], log_dir: Path) -> None:
+    """Give the metric logger the trial's log folder where it takes one (DiskLogger,
+    TensorBoardLogger, WandBLogger), also when a design replaced the section without it; take
+    it away where the logger could not accept it (MLFlowLogger: torchtune would fail)."""
+    section = config.get("metric_logger")
+    if not isinstance(section, dict) or not isinstance(section.get("_component_"), str):
+        return
+    takes = _keywords(section["_component_"])
+    if takes is None:
+        return
+    named, anything = takes
+    if "log_dir" in named:
+        section.setdefault("log_dir", str(log_dir))
+    elif not anything:
+        section.pop("log_dir", None)
 
 
 OUTPUT_KEYS = ("output_dir", "log_dir")
@@ -166,20 +246,25 @@ def _interpolated(config: dict[str, Any], key: str, value: str) -> str:
 
 def recipe_command(recipe: str, config_file: str, processes: int | None = None) -> list[str]:
     """torchtune's LoRA recipe goes through cruijff's copy-before-merge subclass (see
-    cruijff/recipes); every other recipe runs as torchtune ships it, a distributed one under
-    torchrun with `processes` processes (`tune run --nproc_per_node N <recipe>`)."""
+    cruijff/recipes); every other recipe runs as torchtune ships it through cruijff's
+    launcher (`python -m cruijff.recipes.run <recipe>`, which is `tune run <recipe>` plus the
+    metric capture), a distributed one under torchrun with `processes` processes, as
+    `tune run --nproc_per_node N` starts it (standalone: one node)."""
     if recipe == "lora_finetune_single_device":
         return [sys.executable, "-m", "cruijff.recipes.lora_finetune_single_device",
                 "--config", config_file]
-    launch = ["--nproc_per_node", str(processes)] if processes is not None else []
-    return [tune_executable(), "run", *launch, recipe, "--config", config_file]
+    launcher = ["-m", "cruijff.recipes.run", recipe, "--config", config_file]
+    if processes is None:
+        return [sys.executable, *launcher]
+    return [beside_python("torchrun"), "--standalone", "--nproc_per_node", str(processes),
+            *launcher]
 
 
 DISTRIBUTED = "_distributed"
 """How torchtune names the recipes that need torchrun (they init a process group)."""
 PROCESSES = "cruijff_nproc_per_node"
 """cruijff's own key in a distributed recipe's config (torchtune reads no such key): the
-processes `tune run` starts, one per GPU the trial's resources request, written at build so
+processes torchrun starts, one per GPU the trial's resources request, written at build so
 that a run derives its command from the config alone, and so that the stage key (which
 hashes the config) changes with the world size, which changes the training."""
 
@@ -202,7 +287,7 @@ def _gpu_count(value: object, key: str, where: str) -> int:
 
 def process_count(resources: ResourceProfile, profile: str, model: str, recipe: str) -> int:
     """One process per GPU the trial's resources request, all on the node the job starts on
-    (the script runs `tune run` once, without srun). No GPU is an error, not a one-process
+    (the script runs torchrun once, without srun). No GPU is an error, not a one-process
     fallback: a distributed config (70B) fits no single device, and learning so after the
     queue wait, or from a run that leaves the allocation's other GPUs idle, costs hours."""
     where = f"resources.{profile}"
@@ -263,6 +348,28 @@ def _check_tokenizer_files(config: dict[str, Any], model: str) -> None:
                 "file (or leave it out and cruijff sets it for the model's family)")
 
 
+CRUIJFF_NOTES = {
+    PROCESSES: "cruijff's: the processes torchrun starts, one per GPU requested",
+    CAPTURE_KEY: "cruijff's: each step's loss, whatever metric_logger is (cruijff reads this)",
+}
+"""The comments finetune.yaml gives cruijff's own keys (torchtune reads neither)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(StageConfig):
+    """A resolved fine-tune and the config file it started from, whose comments the written
+    finetune.yaml keeps (so it reads like torchtune's own configs)."""
+
+    template: Path | None = None
+
+    def render(self) -> str:
+        from cruijff.yaml_comments import dump_commented
+
+        if self.template is None:
+            return dump_yaml(self.data)
+        return dump_commented(self.data, self.template, CRUIJFF_NOTES)
+
+
 class FinetuneStage(Stage):
     name = "finetune"
     backend = "torchtune"
@@ -296,7 +403,7 @@ class FinetuneStage(Stage):
         set_path(config, "checkpointer.output_dir", str(checkpoints))
         for key, relative in (ctx.family.files if ctx.family else {}).items():
             set_path(config, key, str(ctx.model_path / relative))
-        config["dataset"] = dataset_section(ctx.data_path)
+        config["dataset"] = dataset_section(ctx.data_path, ctx.config.splits.train)
         set_path(config, "metric_logger.log_dir", str(ctx.trial_dir / LOG_DIR))
 
         for key, value in self.overrides(ctx.trial).items():
@@ -311,7 +418,10 @@ class FinetuneStage(Stage):
                                               ctx.trial.model, recipe)
         # torchtune calls every _component_: only its own, and those the file names, may stay
         check_components(config, self.namespace, _trusted_components(source))
-        return StageConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model))
+        fit_log_dir(config, ctx.trial_dir / LOG_DIR)  # after the check: imports the logger
+        config[CAPTURE_KEY] = str(ctx.trial_dir / LOG_DIR / CAPTURE_FILE)
+        return FinetuneConfig(config, self.command(ctx.trial_dir, config, ctx.trial.model),
+                              template=source)
 
     @staticmethod
     def _recipe(config: dict[str, Any], model: str) -> str:
@@ -328,15 +438,15 @@ class FinetuneStage(Stage):
 
     def output_paths(self, trial_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
         """Every `output_dir` and `log_dir`, at any depth (checkpointer, metric logger,
-        profiler), with torchtune's `${key}` references filled in."""
+        profiler), with torchtune's `${key}` references filled in, and the capture file."""
         return {key: Path(_interpolated(config, key, value))
                 for key, value in string_values(config)
-                if key.rsplit(".", 1)[-1] in OUTPUT_KEYS}
+                if key.rsplit(".", 1)[-1] in OUTPUT_KEYS or key == CAPTURE_KEY}
 
-    def check_data(self, trial: TrialSpec, data_path: Path) -> None:
+    def check_data(self, trial: TrialSpec, data_path: Path, splits: SplitNames) -> None:
         """The records torchtune's instruct_dataset reads, as dataset_section sets it up
         (`finetune.dataset` is cruijff's alone: no trial changes it)."""
-        dataset = dataset_section(data_path)
+        dataset = dataset_section(data_path, splits.train)
         field = dataset["field"]
         names = tuple(dataset["column_map"][c] for c in ("input", "output"))
         try:
@@ -356,11 +466,13 @@ class FinetuneStage(Stage):
     def artifacts(self, trial_dir: Path, config: dict[str, Any]) -> list[Path]:
         log_dir = config.get("metric_logger", {}).get("log_dir")
         checkpoints = sorted(Path(config["output_dir"]).glob("*"))
-        return [*checkpoints, *([Path(log_dir)] if log_dir else [])]
+        capture = config.get(CAPTURE_KEY)
+        inside = log_dir and capture and Path(log_dir) in Path(capture).parents
+        return [*checkpoints, *([Path(log_dir)] if log_dir else []),
+                *([Path(capture)] if capture and not inside else [])]
 
     def losses(self, trial_dir: Path, config: dict[str, Any]) -> list[float]:
-        log_dir = config.get("metric_logger", {}).get("log_dir") or trial_dir / LOG_DIR
-        return training_losses(Path(log_dir))
+        return _losses_in(metric_lines(trial_dir, config)[0])
 
     def verify(self, trial_dir: Path, config: dict[str, Any]) -> Verified:
         """The final epoch's model (or, with save_adapter_weights_only, its adapter, which
@@ -371,18 +483,19 @@ class FinetuneStage(Stage):
         if checkpoint_shape(epoch_dir) is None:
             raise StageFailed(f"fine-tune finished without model or adapter weights in "
                               f"{epoch_dir}")
-        losses = self.losses(trial_dir, config)
+        text, source = metric_lines(trial_dir, config)
+        losses = _losses_in(text)
         if not losses:
-            log_dir = config.get("metric_logger", {}).get("log_dir")
-            raise StageFailed(f"fine-tune logged no training loss in {log_dir}")
+            capture = config.get(CAPTURE_KEY)
+            where = f"neither {capture} nor {source}" if capture else str(source)
+            raise StageFailed(f"fine-tune logged no training loss in {where}")
         final = trial_dir / FINAL_CHECKPOINT
         link = final.with_name(f".{final.name}.tmp")
         link.unlink(missing_ok=True)
         link.symlink_to(epoch_dir.name)
         os.replace(link, final)
-        log_dir = config.get("metric_logger", {}).get("log_dir") or trial_dir / LOG_DIR
         return Verified(
             outputs=[str(p.relative_to(trial_dir)) for p in (epoch_dir, final)],
             metrics={"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses)},
-            throughput=logged_throughput(Path(log_dir), int(config.get(PROCESSES) or 1)),
+            throughput=_throughput_in(text, int(config.get(PROCESSES) or 1)),
         )

@@ -2,8 +2,13 @@
 validation split, for the trial's model (its fine-tuned checkpoint if it fine-tunes), and
 write the best into the eval stage's config, so eval measures exactly that prompt on test.
 
-An optimizable task takes `split`, `system_prompt` and `fewshot` (a list of demonstration
-records {id, input, output}); demonstrations are drawn, seeded, from the training split. A
+Any @task can be optimized. A candidate is a system prompt and a list of demonstration
+records {id, input, output}, drawn seeded from the training split. A task that takes
+`system_prompt` / `fewshot` gets them as arguments; for one that does not, cruijff applies
+them around the task's own solver (cruijff/prompt_wrap.py), here and in the eval alike. A
+task that takes `split` is given the validation split; for one that does not, its
+`data_path` is a copy of the data file holding only the validation records under each split
+name, so whatever split it reads, it scores validation samples and never sees test. A
 record without an id is given `<split>-<index>`, as the eval's samples are (give_ids).
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,7 @@ from cruijff.errors import CruijffError
 from cruijff.fileio import atomic_write_text, dump_yaml, load_yaml_mapping
 from cruijff.optimizers import Candidate, Scored, SearchSpace
 from cruijff.plan import TrialSpec
+from cruijff.prompt_wrap import applied_by_cruijff, apply_prompt, split_candidate
 from cruijff.registry import OPTIMIZERS
 from cruijff.stages import (
     Stage,
@@ -29,10 +36,16 @@ from cruijff.stages import (
     Verified,
     set_existing,
 )
-from cruijff.stages.eval import inspect_target, loadable, log_metrics, task_factory
+from cruijff.stages.eval import (
+    HeadlineMetric,
+    headline_metric,
+    inspect_target,
+    loadable,
+    log_metrics,
+    task_factory,
+)
 from cruijff.tasks import task_imports
 
-PROMPT_ARGS = ("split", "system_prompt", "fewshot")
 CANDIDATES = "prompt_opt/candidates.csv"
 CHOSEN = "prompt_opt/chosen.yaml"
 
@@ -45,12 +58,14 @@ class PromptOptStage(Stage):
         return trial.use_prompt_opt
 
     def resolve(self, ctx: TrialContext) -> StageConfig:
-        missing = [a for a in PROMPT_ARGS if not ctx.task.has_parameter(a)]
-        if missing:
+        task = ctx.task
+        takes_split = "split" in task.parameters
+        if not takes_split and not task.has_parameter("data_path"):
             raise CruijffError(
-                f"task '{ctx.task.name}' cannot be prompt-optimized: its @task "
-                f"{ctx.task.function}() lacks {', '.join(missing)} (see README: prompt "
-                "optimization)")
+                f"task '{task.name}' cannot be prompt-optimized: its @task {task.function}() "
+                "takes neither `split` nor `data_path`, so cruijff cannot make the search "
+                "score the validation split (and never test): let it take one of them (see "
+                "README: prompt optimization)")
         default_prompt = ctx.task.defaults.get("system_prompt") or ""
         config: dict[str, Any] = {
             **inspect_target(ctx),
@@ -62,9 +77,16 @@ class PromptOptStage(Stage):
             "max_samples": 50,
             "log_dir": str(ctx.trial_dir / "logs" / "prompt_opt"),
             "eval_config": str(ctx.trial_dir / "eval.yaml"),
+            "allow_same_split": False,
         }
         for key, value in self.overrides(ctx.trial).items():
             set_existing(config, key, value, "prompt_opt config", self.namespace)
+        names = ctx.config.splits  # roles -> the dataset's own split names
+        config["split"] = names.dataset_split(config["split"])
+        config["fewshot"]["split"] = names.dataset_split(config["fewshot"]["split"])
+        config["wrap"] = applied_by_cruijff(task.parameters)
+        config["split_via"] = "argument" if takes_split else "data_copy"
+        config["same_split"] = None  # the build's split check sets it (cruijff/splits.py)
         try:
             OPTIMIZERS[config["optimizer"]]
         except CruijffError as exc:
@@ -77,17 +99,27 @@ class PromptOptStage(Stage):
 
         config = load_yaml_mapping(config_path, "prompt_opt config")
         trial_dir = config_path.parent
-        make_task = task_factory(config)
+        wrapped = list(config.get("wrap") or [])  # configs built before it: the task's args
+        if config.get("split_via") == "data_copy":
+            scoring = {"data_path": str(scoring_copy(data_file(config), config["split"],
+                                                     trial_dir / "prompt_opt" / "data"))}
+            make_task = task_factory({**config, "reads_split": config["split"]})
+        else:
+            scoring = {"split": config["split"]}
+            make_task = task_factory(config)
         space = SearchSpace(
             system_prompts=list(config["system_prompts"]),
-            fewshot_sets=demonstrations(Path(config["task_args"]["data_path"]),
+            fewshot_sets=demonstrations(data_file(config),
                                         **config["fewshot"]),
             max_candidates=int(config["max_candidates"]),
         )
 
+        headlines: dict[int, HeadlineMetric] = {}  # per candidate: what its score is
+
         def evaluate(model_args: dict[str, Any], candidate: Candidate) -> Scored:
-            task = make_task(**{**config["task_args"], **candidate.args,
-                                "split": config["split"]})
+            task_args, around = split_candidate(candidate.args, wrapped)
+            task = apply_prompt(make_task(**{**config["task_args"], **task_args, **scoring}),
+                                around)
             [log] = inspect_eval(task, model=config["model"], model_args=model_args,
                                  limit=config["max_samples"], display="none",
                                  log_dir=str(Path(config["log_dir"]) / f"c{candidate.number}"),
@@ -96,9 +128,20 @@ class PromptOptStage(Stage):
                 error = log.error.message if log.error else log.status
                 raise RuntimeError(f"candidate {candidate.number} failed: {error}")
             metrics = log_metrics(log)
-            score = metrics.get("accuracy", next((v for k, v in metrics.items()
-                                                  if k != "samples"), 0.0))
-            return Scored(candidate, float(score), int(metrics["samples"]),
+            # the eval's headline (eval.metric, else the first scorer's first metric): a
+            # candidate whose log lacks it fails the stage, never scores 0
+            choice = load_yaml_mapping(Path(config["eval_config"]), "eval config").get("metric")
+            try:
+                headline = headline_metric(log, choice)
+            except CruijffError as exc:
+                raise CruijffError(f"prompt_opt candidate {candidate.number}: {exc}") from None
+            if headline is None or headline.value is None or not math.isfinite(headline.value):
+                raise CruijffError(
+                    f"prompt_opt candidate {candidate.number}: the eval log has no metric to "
+                    "score it by" + ("" if headline is None else
+                                     f" ({headline.name} is {headline.value})"))
+            headlines[candidate.number] = headline
+            return Scored(candidate, headline.value, int(metrics["samples"]),
                           [str(s.id) for s in log.samples or []])
 
         with loadable(config, trial_dir, self.name) as model_args, \
@@ -108,13 +151,18 @@ class PromptOptStage(Stage):
         if not scored:
             raise RuntimeError("no candidate was scored")
         best = max(scored, key=lambda s: (s.score, -s.candidate.number))
-        _write_table(trial_dir / CANDIDATES, scored, best)
+        _write_table(trial_dir / CANDIDATES, scored, best, headlines)
+        task_args, around = split_candidate(best.candidate.args, wrapped)
         chosen = {"candidate": best.candidate.number, "score": best.score,
-                  "task_args": best.candidate.args}
+                  "task_args": task_args, "prompt": around}
         atomic_write_text(trial_dir / CHOSEN, dump_yaml(chosen))
         eval_path = Path(config["eval_config"])
         eval_config = load_yaml_mapping(eval_path, "eval config")
-        eval_config["task_args"].update(best.candidate.args)
+        eval_config["task_args"].update(task_args)
+        if around:  # applied by the eval around the task, as here (cruijff/prompt_wrap.py)
+            eval_config["prompt"] = around
+        else:
+            eval_config.pop("prompt", None)
         atomic_write_text(eval_path, dump_yaml(eval_config))
         return 0
 
@@ -132,12 +180,33 @@ class PromptOptStage(Stage):
             rows = list(csv.DictReader((trial_dir / CANDIDATES).open(encoding="utf-8")))
         except (CruijffError, OSError) as exc:
             raise StageFailed(f"prompt optimization left no result: {exc}") from None
-        eval_args = load_yaml_mapping(Path(config["eval_config"]), "eval config")["task_args"]
-        if any(eval_args.get(k) != v for k, v in chosen["task_args"].items()):
+        eval_config = load_yaml_mapping(Path(config["eval_config"]), "eval config")
+        eval_args = eval_config["task_args"]
+        if any(eval_args.get(k) != v for k, v in chosen["task_args"].items()) or \
+                (eval_config.get("prompt") or {}) != (chosen.get("prompt") or {}):
             raise StageFailed("the eval config does not carry the chosen prompt")
         return Verified([CANDIDATES, CHOSEN],
                         {"best_score": chosen["score"], "candidates": len(rows),
                          "chosen": chosen["candidate"]})
+
+
+def data_file(config: dict[str, Any]) -> Path:
+    """The trial's data file: the config's own `data_path` (the task may not take one), or,
+    in a config built before there was one, the task's argument."""
+    return Path(config.get("data_path") or config["task_args"]["data_path"])
+
+
+def scoring_copy(data_path: Path, split: str, folder: Path) -> Path:
+    """A copy of the data file, under its own name in `folder`, in which every split holds
+    the records of `split`: a task that picks its split itself reads only those."""
+    splits = json.loads(data_path.read_text(encoding="utf-8"))
+    if split not in splits:
+        raise CruijffError(f"dataset {data_path} has no split {split!r} (it has "
+                           f"{', '.join(map(repr, splits))})")
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / data_path.name
+    atomic_write_text(copy, json.dumps({name: splits[split] for name in splits}))
+    return copy
 
 
 def demonstrations(data_path: Path, *, k: int, draws: int, seed: int,
@@ -155,13 +224,16 @@ def demonstrations(data_path: Path, *, k: int, draws: int, seed: int,
     return sets
 
 
-def _write_table(path: Path, scored: list[Scored], best: Scored) -> None:
+def _write_table(path: Path, scored: list[Scored], best: Scored,
+                 headlines: dict[int, HeadlineMetric] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["candidate", "label", "score", "samples", "chosen",
-                         "validation_sample_ids"])
-        for s in scored:
+                         "validation_sample_ids", "metric", "metric_default"])
+        for s in scored:  # the score is the eval's headline metric, named in the last two
+            headline = (headlines or {}).get(s.candidate.number)
             writer.writerow([s.candidate.number, s.candidate.label, f"{s.score:.6f}",
                              s.samples, "yes" if s is best else "",
-                             " ".join(s.sample_ids)])
+                             " ".join(s.sample_ids), headline.name if headline else "",
+                             "" if headline is None else str(headline.default).lower()])

@@ -80,9 +80,10 @@ CASES = [
     ("two-tasks", edit_task("eval.py", TWO_TASKS), [], "exactly one @task (found 2: a, b)"),
     ("no-task", edit_task("eval.py", "def toy(data_path, data_ext): ...\n"), [],
      "exactly one @task (found 0)"),
-    ("task-lacks-data-path",
-     edit_task("eval.py", "from inspect_ai import task\n@task\ndef toy(split='test'): ...\n"),
-     [], "must accept data_path"),
+    ("task-required-arg-unset",
+     edit_task("eval.py",
+               "from inspect_ai import task\n@task\ndef toy(data_path, extra, split=''): ...\n"),
+     [], "requires 'extra'"),
     ("eval-syntax-error", edit_task("eval.py", "def toy(:\n"), [], "eval.py line 1"),
     ("eval-yaml-unknown-arg", edit_task("eval.yaml", "shotz: 1\n"), [],
      "eval.yaml sets 'shotz'"),
@@ -257,7 +258,7 @@ def test_hostile_strings_in_string_values_stay_data(cli, project, tmp_path):
     treatments = [{"eval.generate.system_message": p} for p in _payloads(canary)]
     result = cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
                  "--dataset", "d.json", "--name", "exp", "--treatments", json.dumps(treatments),
-                 "--control", f"eval.task_args.split='$(touch {canary})'",
+                 "--control", f"eval.model_args.note='$(touch {canary})'",
                  cwd=project.experiments)
     assert result.code == 0, result.err
     experiment = project.experiments / "exp"
@@ -282,6 +283,7 @@ def test_hostile_strings_in_string_values_stay_data(cli, project, tmp_path):
         assert argv.read_text(encoding="utf-8").splitlines() == trial["commands"][script.stem]
     eval_yaml = yaml.safe_load((experiment / "trial-b" / "eval.yaml").read_text())
     assert eval_yaml["generate"]["system_message"] == _payloads(canary)[0]
+    assert eval_yaml["model_args"]["note"] == f"$(touch {canary})"
     assert not canary.exists()
 
 
