@@ -211,29 +211,37 @@ def test_prefect_stage_tasks_do_not_retry_on_their_own():
     assert experiment.run_trial is run_trial
 
 
-def test_an_eval_whose_task_cannot_import_fails_once_and_summary_says_why(cli, project):
-    """A real eval stage: eval.py's sibling module raises ModuleNotFoundError at import,
-    which build cannot see (the import is dynamic). Two retries allowed, one attempt run."""
-    folder = project.root / "tasks" / "late"
+def run_once(cli, project, name: str, eval_py: str, helper: str | None = None):
+    """Build a one-trial eval-only experiment of task `name` (two retries allowed), run it in
+    process, expect its eval to fail after one attempt, deterministic; its record."""
+    folder = project.root / "tasks" / name
     folder.mkdir(parents=True)
-    (folder / "eval.py").write_text(
-        "import helper\nfrom inspect_ai import Task, task\n\n\n"
-        "@task\ndef late(data_path, data_ext='json'):\n    return Task(dataset=[])\n")
-    (folder / "helper.py").write_text(
-        "import importlib\nimportlib.import_module('cruijff_absent_' + 'scorer_lib')\n")
+    (folder / "eval.py").write_text(eval_py)
+    if helper is not None:
+        (folder / "helper.py").write_text(helper)
     (folder / "data.py").write_text(
         "import json, os\n\n\ndef build(dataset, data_dir):\n"
         "    with open(os.path.join(data_dir, dataset), 'w') as fh:\n"
         "        json.dump({'train': [], 'test': []}, fh)\n")
     project.config.write_text(project.config.read_text() + "orchestration: {retries: 2}\n")
-    result = cli("build", "--config-path", project.config, "--task", "late", "--model", TINY,
-                 "--dataset", "l.json", "--name", "exp", "--root", project.experiments,
+    result = cli("build", "--config-path", project.config, "--task", name, "--model", TINY,
+                 "--dataset", f"{name}.json", "--name", "exp", "--root", project.experiments,
                  "--control", "use_fine_tune=false")
     assert result.code == 0, result.err
     exp = project.experiments / "exp"
     assert run_in_process(RunPlan.make(exp, workers=1)) == {"a": {"eval": "failed"}}
     record = read_record(exp / "trial-a", "eval")
     assert (record.attempts, record.failure) == (1, "deterministic")
+    return record, exp
+
+
+def test_an_eval_whose_task_cannot_import_fails_once_and_summary_says_why(cli, project):
+    """A real eval stage: eval.py's sibling module raises ModuleNotFoundError at import,
+    which build cannot see (the import is dynamic). Two retries allowed, one attempt run."""
+    record, exp = run_once(cli, project, "late", eval_py=(
+        "import helper\nfrom inspect_ai import Task, task\n\n\n"
+        "@task\ndef late(data_path, data_ext='json'):\n    return Task(dataset=[])\n"),
+        helper="import importlib\nimportlib.import_module('cruijff_absent_' + 'scorer_lib')\n")
     assert "ModuleNotFoundError" in record.failure_reason
     assert "cruijff_absent_scorer_lib" in record.failure_reason
     summary = json.loads(cli("summary", "--json", exp).out)
@@ -245,9 +253,7 @@ def test_an_eval_whose_task_cannot_import_fails_once_and_summary_says_why(cli, p
 def test_a_scorer_whose_import_fails_inside_inspect_is_not_retried(cli, project):
     """The import fails only when Inspect calls the scorer (the eval log has status error,
     eval_set returns unsuccessful): the eval stage names the module and is run once."""
-    folder = project.root / "tasks" / "lazy"
-    folder.mkdir(parents=True)
-    (folder / "eval.py").write_text(
+    record, _ = run_once(cli, project, "lazy", eval_py=(
         "from inspect_ai import Task, task\nfrom inspect_ai.dataset import Sample\n"
         "from inspect_ai.scorer import Score, accuracy, scorer\n"
         "from inspect_ai.solver import generate\n\n\n"
@@ -258,18 +264,5 @@ def test_a_scorer_whose_import_fails_inside_inspect_is_not_retried(cli, project)
         "        return Score(value=1)\n    return score\n\n\n"
         "@task\ndef lazy(data_path):\n"
         "    return Task(dataset=[Sample(input='a', target='A')], solver=generate(),\n"
-        "                scorer=lazy_scorer())\n")
-    (folder / "data.py").write_text(
-        "import json, os\n\n\ndef build(dataset, data_dir):\n"
-        "    with open(os.path.join(data_dir, dataset), 'w') as fh:\n"
-        "        json.dump({'train': [], 'test': []}, fh)\n")
-    project.config.write_text(project.config.read_text() + "orchestration: {retries: 2}\n")
-    result = cli("build", "--config-path", project.config, "--task", "lazy", "--model", TINY,
-                 "--dataset", "z.json", "--name", "exp", "--root", project.experiments,
-                 "--control", "use_fine_tune=false")
-    assert result.code == 0, result.err
-    exp = project.experiments / "exp"
-    assert run_in_process(RunPlan.make(exp, workers=1)) == {"a": {"eval": "failed"}}
-    record = read_record(exp / "trial-a", "eval")
-    assert (record.attempts, record.failure) == (1, "deterministic")
+        "                scorer=lazy_scorer())\n"))
     assert "cruijff_absent_metric_lib" in record.failure_reason
