@@ -101,4 +101,5 @@ def test_dom_has_the_four_plots(rendered: tuple[Path, str]) -> None:
     assert len(re.findall(r'<rect class="wall"', compute)) == 7  # every stage run
     assert len(re.findall(r'<rect class="memory"', compute)) == 1
     assert len(re.findall(r'<line class="asked"', compute)) == 1
-    assert len(re.findall(r'<tr data-trial=', dom)) == 7
+    assert len(re.findall(r'<tr data-trial="[^"]+" data-stage=', dom)) == 7  # compute rows
+    assert 'id="scorer-metrics"' in dom  # every scorer's metrics, beside the headline

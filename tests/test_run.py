@@ -217,21 +217,22 @@ def test_run_json_reports_each_trial(experiment, env):
 
 
 def test_a_failing_stage_fails_its_trial_only_after_its_retry(site, env):
-    """Trial b's eval cannot run (no such split): it is retried once, recorded failed with the
-    error's last lines, the run exits 1, and trial a still completes."""
+    """Trial b's eval cannot load its model (a CUDA device on a CPU machine, a failure cruijff
+    cannot tell will repeat): it is retried once, recorded failed with the error's last lines,
+    the run exits 1, and trial a still completes. (A missing split is refused at build.)"""
     result = cruijff("run", "--config-path", site / "config.yaml", "--root", site,
                      "--name", "failing", "--task", "capitalization",
                      "--dataset", "words_5L_80_1000.json", "--model", TINY,
                      "--control", "use_fine_tune=false", "--control", "eval.limit=2",
-                     "--treatment", "eval.split=nope", env=env)
+                     "--treatment", "eval.model_args.device=cuda:7", env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     good = read_record(site / "failing" / "trial-a", "eval")
     bad = read_record(site / "failing" / "trial-b", "eval")
     assert good.status == "done"
     assert bad.status == "failed" and bad.attempts == 2
-    assert "has no split 'nope'" in bad.error
-    assert "trial b eval failed: " in result.stderr and "nope" in result.stderr
+    assert "CUDA" in bad.error and bad.failure == "transient"
+    assert "trial b eval failed: " in result.stderr
     assert (site / "failing" / "trial-b" / "logs" / "eval-attempt2.log").is_file()
     summary = cruijff("summary", site / "failing", env=env)
     assert summary.returncode == 1
-    assert "trial b eval failed" in summary.stdout and "has no split 'nope'" in summary.stdout
+    assert "trial b eval failed" in summary.stdout and "CUDA" in summary.stdout
