@@ -19,6 +19,7 @@ from inspect_ai.model import (
     ModelOutput,
     modelapi,
 )
+from test_task_contract import HELPERS as TASK_HELPERS
 
 TINY = "cruijff/tiny-llama-random"
 SCRIPTED = "cruijff-scripted/capitalizer"
@@ -43,16 +44,7 @@ def {name}(data_path{split_arg}):
                 scorer=match(location="exact", ignore_case=False))
 '''
 
-HELPERS = '''
-import json
-
-NAME = "plain"
-
-
-def read(path):
-    with open(path) as fh:
-        return json.load(fh)
-'''
+HELPERS = TASK_HELPERS.replace("{name}", "plain")  # the ported task's helpers.py
 
 DATA = '''
 import json
