@@ -13,6 +13,7 @@ Dask worker (a thread of a LocalCluster, or a Slurm job).
 from __future__ import annotations
 
 import contextvars
+import heapq
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -153,13 +154,22 @@ class Sharing:
                 if STAGES[stage].shared:
                     self.owners.setdefault((stage, stage_key(trial, stage)), trial.id)
         self.ended = {claim: threading.Event() for claim in self.owners}
+        self.order = {trial.id: index for index, (trial, _) in enumerate(selection)}
+        self.places: Places | None = None
+        """The run's places (`run_concurrently` sets them): a waiting trial gives its up."""
 
     def donor(self, experiment: Experiment, trial: Trial, stage: str, key: str) -> Trial | None:
         """The trial whose finished run `trial` can reuse, after waiting for the owner if
-        another trial runs it in this run; None if `trial` must run it (owner, owner failed)."""
+        another trial runs it in this run (its place given up meanwhile: a waiting trial
+        holds no worker); None if `trial` must run it (owner, owner failed)."""
         owner = self.owners.get((stage, key))
-        if owner is not None and owner != trial.id:
-            self.ended[(stage, key)].wait()
+        ended = self.ended.get((stage, key))
+        if owner is not None and owner != trial.id and ended is not None and not ended.is_set():
+            if self.places is None:
+                ended.wait()
+            else:
+                with self.places.aside(self.order[trial.id]):
+                    ended.wait()
         for other in experiment.trials:
             if other.id != trial.id and stage in other.stages and is_done(other, stage, key):
                 record = read_record(other.dir, stage)
@@ -283,33 +293,88 @@ def hold(plan: RunPlan) -> Iterator[Sharing]:
 T = TypeVar("T")
 
 
+class Places:
+    """The trials that may have work in flight at once (a stage running, or queued for a
+    worker). A trial waiting for another's shared stage steps aside, giving its place up,
+    so runnable work never queues behind waiting: an eval-only trial, or the second unique
+    fine-tune, starts beside the first. A freed place goes first to a trial coming back
+    from such a wait (it is further along), then to the next trial in order."""
+
+    RETURNING, NEW = 0, 1
+
+    def __init__(self, count: int, stop: threading.Event = STOP) -> None:
+        self._free = max(1, count)
+        self._queue: list[tuple[int, int]] = []
+        self._changed = threading.Condition()
+        self._stop = stop
+
+    def take(self, rank: tuple[int, int]) -> None:
+        """Wait for a place, in rank order (returning trials first, then trial order);
+        at once when the run is stopping (the trial then starts nothing)."""
+        with self._changed:
+            heapq.heappush(self._queue, rank)
+            # The timeout only bounds how late a stop request is seen while waiting.
+            while not (self._free > 0 and self._queue[0] == rank) and not self._stop.is_set():
+                self._changed.wait(timeout=0.5)
+            self._queue.remove(rank)
+            heapq.heapify(self._queue)
+            self._free -= 1
+            self._changed.notify_all()
+
+    def give(self) -> None:
+        with self._changed:
+            self._free += 1
+            self._changed.notify_all()
+
+    @contextmanager
+    def aside(self, index: int) -> Iterator[None]:
+        """The trial at `index` waits without its place; it takes one again to go on."""
+        self.give()
+        try:
+            yield
+        finally:
+            self.take((self.RETURNING, index))
+
+
 def run_concurrently(selection: list[tuple[Trial, list[str]]],
-                     start: Callable[[Trial, list[str]], T], at_once: int) -> dict[str, T]:
-    """start(trial, stages) for every selected trial, at most `at_once` at a time, in trial
-    order; trial id -> what it returned. Each runs in a copy of this thread's context (an
-    orchestrator's run context goes along)."""
-    with ThreadPoolExecutor(max_workers=max(1, min(len(selection), at_once))) as pool:
-        futures = {trial.id: pool.submit(contextvars.copy_context().run, start, trial, stages)
-                   for trial, stages in selection}
+                     start: Callable[[Trial, list[str]], T], at_once: int,
+                     sharing: Sharing | None = None) -> dict[str, T]:
+    """start(trial, stages) for every selected trial, in trial order, at most `at_once` with
+    work in flight (`Places`: one waiting for a shared stage gives its place up); trial id ->
+    what it returned. Each runs in a thread, in a copy of this thread's context (an
+    orchestrator's run context goes along); a trial has a thread only once it has a place."""
+    places = Places(at_once)
+    if sharing is not None:
+        sharing.places = places
+
+    def run(trial: Trial, stages: list[str]) -> T:
+        try:
+            return start(trial, stages)
+        finally:
+            places.give()
+
+    with ThreadPoolExecutor(max_workers=max(1, len(selection))) as pool:
+        futures = {}
+        for index, (trial, stages) in enumerate(selection):
+            places.take((Places.NEW, index))
+            futures[trial.id] = pool.submit(contextvars.copy_context().run, run, trial, stages)
         return {trial_id: future.result() for trial_id, future in futures.items()}
 
 
 def run_in_process(plan: RunPlan) -> dict[str, dict[str, str]]:
     """Run the plan with no orchestrator: each trial's pipeline in a thread, its stages as
-    subprocesses of this process (plan.workers at once). Trial id -> stage outcomes."""
-    slots = threading.Semaphore(plan.workers)
+    subprocesses of this process: plan.workers trials at once hold a place, so at most that
+    many stages run. Trial id -> stage outcomes."""
 
     def submit(trial: Trial, stage: str, key: str, attempt: int,
                grown: dict[str, Any] | None) -> bool:
-        with slots:
-            if STOP.is_set():
-                return False
-            return execute_stage(trial, stage, key, threads=plan.threads).is_done
+        if STOP.is_set():
+            return False
+        return execute_stage(trial, stage, key, threads=plan.threads).is_done
 
     with hold(plan) as sharing:
         return run_concurrently(
             plan.selection,
             lambda trial, stages: run_trial(plan.experiment, trial, stages, submit,
                                             sharing=sharing, retries=plan.retries),
-            # waiting for a shared stage holds a thread, not a worker slot
-            at_once=len(plan.selection))
+            at_once=plan.workers, sharing=sharing)
