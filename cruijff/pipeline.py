@@ -182,6 +182,13 @@ class Sharing:
         if self.owners.get((stage, key)) == trial.id:
             self.ended[(stage, key)].set()
 
+    def release_all(self, trial: Trial) -> None:
+        """`trial`'s pipeline ended: whatever it owned but never reached (a failure or a stop
+        before it) no longer holds its waiters."""
+        for claim, owner in self.owners.items():
+            if owner == trial.id:
+                self.ended[claim].set()
+
 
 UNSTARTED_RESUBMITS = 5
 """How often a stage lost before it started (its worker died while it waited there) is
@@ -242,27 +249,31 @@ def run_trial(experiment: Experiment, trial: Trial, stages: list[str], submit: S
     trial's run of a shared stage), done, or failed (the later stages do not run). Stops
     starting stages once `stop` is set."""
     outcome: dict[str, str] = {}
-    for stage in stages:
-        if stop.is_set():
-            break
-        key = stage_key(trial, stage)
-        if is_done(trial, stage, key):
-            outcome[stage] = "skipped"
-            continue
-        if STAGES[stage].shared:
-            donor = sharing.donor(experiment, trial, stage, key)
-            if donor is not None:
-                link_shared(trial, donor, stage)
-                outcome[stage] = "reused"
+    try:
+        for stage in stages:
+            if stop.is_set():
+                break
+            key = stage_key(trial, stage)
+            if is_done(trial, stage, key):  # run by hand, or before: its waiters go on
+                sharing.release(trial, stage, key)
+                outcome[stage] = "skipped"
                 continue
-        try:
-            done = run_with_retries(trial, stage, key, submit, retries, stop,
-                                    experiment.orchestration.grow_on_oom, report=report)
-        finally:
-            sharing.release(trial, stage, key)
-        outcome[stage] = "done" if done else "failed"
-        if not done:
-            break
+            if STAGES[stage].shared:
+                donor = sharing.donor(experiment, trial, stage, key)
+                if donor is not None:
+                    link_shared(trial, donor, stage)
+                    outcome[stage] = "reused"
+                    continue
+            try:
+                done = run_with_retries(trial, stage, key, submit, retries, stop,
+                                        experiment.orchestration.grow_on_oom, report=report)
+            finally:
+                sharing.release(trial, stage, key)
+            outcome[stage] = "done" if done else "failed"
+            if not done:
+                break
+    finally:
+        sharing.release_all(trial)
     return outcome
 
 

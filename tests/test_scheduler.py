@@ -67,6 +67,20 @@ def test_trials_waiting_for_a_shared_stage_leave_the_workers_to_runnable_ones(do
                       "d": {SHARED: "done", TOUCH: "done"}}
 
 
+def test_a_shared_stage_its_owner_already_finished_does_not_hold_its_waiters(doubles):
+    """a (the owner: first in order) finished the shared stage in an earlier run (`--trials
+    a`, or by hand); a run of all trials skips it for a, and b links a's run (before: b
+    waited for ever for a run that a, skipping, never made)."""
+    exp = doubles([SHARED, TOUCH], [{f"{TOUCH}.index": 1}, {f"{TOUCH}.index": 2}])
+    assert run_in_process(RunPlan.make(exp, trials="a", workers=1)) == {
+        "a": {SHARED: "done", TOUCH: "done"}}
+    runner, result = start(exp, workers=2)
+    runner.join(timeout=DEADLINE_S)  # a guard against the hang, not a measurement
+    assert not runner.is_alive(), "trial b still waits for a's shared stage"
+    assert result == {"a": {SHARED: "skipped", TOUCH: "skipped"},
+                      "b": {SHARED: "reused", TOUCH: "done"}}
+
+
 def test_one_worker_runs_one_stage_at_a_time_in_trial_order(doubles, tmp_path):
     """One worker: b's stage waits for a file the test creates only once a's is running, so
     b cannot have started first or beside a (a place is a worker)."""

@@ -1,0 +1,54 @@
+"""The scheduler through Prefect and Dask (a real server, `cruijff run` as a user runs it):
+trials waiting for another's shared stage hold no place, so a runnable trial beyond the
+run's places (twice the workers) starts beside the shared stage's owner. The test doubles
+wait for a file the test creates, so the ordering asserted is caused, not timed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import cruijff
+
+from cruijff.state import read_record
+
+pytestmark = pytest.mark.slow
+TOUCH, SHARED = "testing_touch", "testing_shared"
+
+
+def test_waiting_trials_leave_the_workers_to_a_runnable_one(project, prefect_env, tmp_path):
+    """Two workers, so four places. a to e share one stage that a runs and cannot finish until
+    the test releases it; f's stage is its own. Before, b, c and d held the other places while
+    they waited, and f could not start until a ended; now f finishes beside a."""
+    release = tmp_path / "release"
+    project.config.write_text(project.config.read_text().replace(
+        "run_control_trials: true", "run_control_trials: false")
+        + f"pipeline: [{SHARED}, {TOUCH}]\norchestration: {{retries: 0}}\n")
+    treatments = [{f"{SHARED}.wait_for": str(release), f"{TOUCH}.index": i} for i in range(5)]
+    treatments.append({f"{SHARED}.index": 9, f"{TOUCH}.index": 9})
+    built = cruijff("build", "--config-path", project.config, "--task", "toy",
+                    "--model", "cruijff/tiny-llama-random", "--dataset", "d.json",
+                    "--treatments", json.dumps(treatments), "--name", "Places",
+                    "--root", project.experiments, env=prefect_env)
+    assert built.returncode == 0, built.stderr
+    exp = project.experiments / "Places"
+    run = subprocess.Popen([sys.executable, "-m", "cruijff", "run", exp, "--workers", "2"],
+                           env=prefect_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while (r := read_record(exp / "trial-f", TOUCH)) is None or r.status != "done":
+            assert run.poll() is None, run.stdout.read() if run.stdout else ""
+            assert time.monotonic() < deadline, "trial f never finished beside a"
+            time.sleep(0.2)
+        assert read_record(exp / "trial-a", SHARED).status == "running"
+    finally:
+        release.touch()
+        out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    for trial in "bcde":
+        assert read_record(exp / f"trial-{trial}", SHARED).reused_from == "a"
+        assert read_record(exp / f"trial-{trial}", TOUCH).status == "done"
