@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -245,6 +246,58 @@ class GrowPolicy(BaseModel):
     max_mem: PositiveInt = Field(description="the most memory (GB) a retry may ask for")
 
 
+PROLOGUE_LINE_MAX = 1000
+
+
+def prologue_line_problem(line: object) -> str | None:
+    """Why `line` cannot be a line of `slurm.prologue`, or None. A prologue line is a shell
+    line by design, run as written (`module load cuda/12.4`, `conda activate env`); what is
+    checked is that it stays one line of its own: printable (no newline, carriage return,
+    tab, NUL or other control character), its quotes closed and no trailing backslash or
+    here-document (each would run into the script's next lines), and no `#SBATCH`
+    (dask-jobqueue puts the prologue right under the header, where sbatch reads directives)."""
+    if not isinstance(line, str):
+        return f"{line!r} is not a line of text"
+    if not line.strip():
+        return "is empty"
+    if len(line) > PROLOGUE_LINE_MAX:
+        return f"is longer than {PROLOGUE_LINE_MAX} characters"
+    if not line.isprintable():
+        return (f"{line!r} is not one printable line (no newline, carriage return, tab, NUL "
+                "or other control character)")
+    if line.lstrip().upper().startswith("#SBATCH"):
+        return f"{line!r} is an #SBATCH directive: ask for resources under `resources`"
+    try:
+        shlex.split(line, comments=True)
+    except ValueError as exc:  # an open quote, or a backslash at the end
+        return f"{line!r} does not end where it ends ({str(exc).lower()})"
+    if re.search(r"<<(?!<)", line):
+        return f"{line!r} has a here-document, which would read the script's next lines"
+    return None
+
+
+class SlurmConfig(BaseModel):
+    """`slurm`: what a site's batch jobs need before cruijff's command starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prologue: list[str] = Field(
+        default_factory=list, description="shell lines (module load ..., conda activate ..., "
+        "source .../bin/activate) run as written at the start of every generated "
+        "`<stage>.slurm` and every worker job, after the #SBATCH lines; one line each")
+
+    @field_validator("prologue", mode="before")
+    @classmethod
+    def _lines(cls, v: Any) -> Any:
+        lines = [v] if isinstance(v, str) else v
+        if isinstance(lines, list):
+            for number, line in enumerate(lines, 1):
+                problem = prologue_line_problem(line)
+                if problem:
+                    raise ValueError(f"line {number} {problem}")
+        return lines
+
+
 class OrchestrationConfig(BaseModel):
     """How trials are executed: on this machine or as Slurm jobs."""
 
@@ -318,6 +371,7 @@ class ExperimentConfig(BaseSettings):
         default_factory=lambda: {"default": ResourceProfile()}
     )
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     pipeline: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PIPELINE),
         description="the stages a trial may run, in order (use_fine_tune/use_prompt_opt "

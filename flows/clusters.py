@@ -49,11 +49,21 @@ from distributed.security import Security
 from cruijff.attempts import trial_profile
 from cruijff.runner import STOP, Experiment, Trial
 from cruijff.settings import OrchestrationConfig, ResourceProfile
-from cruijff.slurm import SlurmSubmitError, queued_jobs, sbatch_options, worker_job_name
+from cruijff.slurm import (
+    SlurmSubmitError,
+    built_prologue,
+    queued_jobs,
+    sbatch_options,
+    worker_job_name,
+)
 
 # A worker lost mid-stage fails the stage at once; the trial subflow's retries (one mechanism,
 # one budget: orchestration.retries) then run it again on a new worker.
-DASK_CONFIG = {"distributed.scheduler.allowed-failures": 0, "distributed.admin.tick.limit": "1h"}
+# The worker's statistical profiler samples every thread every 10 ms (~1 s of CPU in a short
+# run): nobody reads its flame graphs, the dashboard is off. Worker jobs on Slurm get the same
+# through DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED in their environment.
+DASK_CONFIG = {"distributed.scheduler.allowed-failures": 0, "distributed.admin.tick.limit": "1h",
+               "distributed.worker.profile.enabled": False}
 # Every worker holds one unit of this resource and every stage task needs it (flows/experiment
 # submits each with it), so a worker runs one stage at a time. The scheduler checks only that a
 # worker has the resource, not that it is free: a stage may wait on a busy worker and be lost
@@ -279,7 +289,9 @@ def slurm_cluster(experiment: Experiment, name: str, profile: ResourceProfile,
             job_directives_skip=["--cpus-per-task"] if "cpus_per_task" in values else [],
             # CRUIJFF_STAGE_STEP: each stage attempt runs as its own srun step, so sacct
             # accounts for it alone (cruijff.sacct.step_prefix)
-            job_script_prologue=[f"export OMP_NUM_THREADS={cpus}", "export CRUIJFF_STAGE_STEP=1"],
+            # the site's slurm.prologue (module load ..., conda activate ...) first
+            job_script_prologue=[*built_prologue(experiment.path),
+                                 f"export OMP_NUM_THREADS={cpus}", "export CRUIJFF_STAGE_STEP=1"],
             worker_extra_args=["--resources", f"{STAGE_SLOT}=1", "--no-dashboard",
                                "--dashboard-address", LOOPBACK_HTTP],
             log_directory=str(log_dir),
@@ -338,6 +350,7 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
         if shutil.which("sbatch") is None:
             raise SlurmSubmitError(NO_SBATCH)
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # worker jobs inherit it
+        os.environ.setdefault("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "False")  # and this
         log_dir = slurm_log_dir(experiment)
         log_dir.mkdir(parents=True, exist_ok=True)
         submitter = Submitter(experiment.orchestration, log_dir / "submit.log")

@@ -4,7 +4,6 @@ trial's resources request, derived again from the stage config when it runs."""
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from cruijff.errors import CruijffError
 from cruijff.models import torchtune_config_path
 from cruijff.runner import load_experiment, stage_command
 from cruijff.settings import ResourceProfile
+from cruijff.slurm import shown_stage_command
 from cruijff.stages.finetune import PROCESSES, process_count
 
 BIG = "meta-llama/Llama-3.3-70B-Instruct"
@@ -36,8 +36,8 @@ def build(cli, project, name: str = "big"):
 
 
 def launched(script: Path) -> list[str]:
-    """The command a .slurm script runs (its last line, `exec ...`)."""
-    return shlex.split(script.read_text().strip().splitlines()[-1])[1:]
+    """The stage command a .slurm script runs (through `cruijff stage`), as it shows it."""
+    return shown_stage_command(script.read_text())
 
 
 @pytest.mark.parametrize(("resources", "gpus"), [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,3 +85,89 @@ def test_paths_slurm_cannot_take_are_refused():
     with pytest.raises(CruijffError, match="characters Slurm cannot take"):
         render_script(job_name="j", resources=ResourceProfile(), command=["true"],
                       workdir=Path("/w x"), log_file=Path("/w x/log"), description="d")
+
+
+PROLOGUE = """slurm:
+  prologue:
+    - module load cuda/12.4
+    - source /opt/venvs/site/bin/activate
+    - 'conda activate "my env"  # quoted: a name with a space'
+"""
+
+
+def build_golden(cli, project, config: str = ""):
+    project.config.write_text(project.config.read_text() + config)
+    return cli("build", "--config-path", project.config, "--task", "toy", "--model", TINY,
+               "--dataset", "d.json", "--treatment", "torchtune.model.lora_rank=4",
+               "--name", "golden", cwd=project.experiments)
+
+
+def test_the_prologue_goes_into_every_script_after_the_header(cli, project):
+    result = build_golden(cli, project, PROLOGUE)
+    assert result.code == 0, result.err
+    trial = project.experiments / "golden" / "trial-b"
+    actual = normalized((trial / "eval.slurm").read_text(), project.root)
+    assert actual == (GOLDEN / "eval-prologue.slurm").read_text()
+    assert subprocess.run(["bash", "-n", trial / "eval.slurm"]).returncode == 0  # it parses
+    lines = (trial / "finetune.slurm").read_text().splitlines()
+    site = ["module load cuda/12.4", "source /opt/venvs/site/bin/activate",
+            'conda activate "my env"  # quoted: a name with a space']
+    start = lines.index(site[0])
+    assert lines[start:start + 3] == site
+    assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < start
+    assert start < next(i for i, line in enumerate(lines) if line.startswith("exec "))
+
+
+@pytest.mark.parametrize("line", [
+    "module load x\n#SBATCH --uid=0",          # a second line, and a directive on it
+    "#SBATCH --uid=0",                          # a directive on its own
+    "  #sbatch --export=ALL",
+    "module load x\r",                          # a carriage return
+    "echo a\x00b",                              # NUL
+    "module\tload x",                           # a control character
+    'echo "unclosed',                           # runs into the script's next lines
+    "module load x \\",                         # so does a trailing backslash
+    "cat <<EOF",                                # and a here-document
+    "",
+])
+def test_a_prologue_line_that_is_not_one_shell_line_is_refused_at_build(cli, project, line):
+    config = f"slurm:\n  prologue:\n    - module load ok\n    - {json.dumps(line)}\n"
+    result = build_golden(cli, project, config)
+    assert result.code == 2, result.out
+    assert result.err.startswith("error: ") and len(result.err.strip().splitlines()) == 1
+    assert "slurm.prologue: line 2 " in result.err
+    assert list(project.experiments.iterdir()) == []  # nothing built, no staging left
+
+
+def test_a_prologue_from_the_environment_is_checked_the_same_way(cli, project, monkeypatch):
+    monkeypatch.setenv("CRUIJFF_SLURM__PROLOGUE", json.dumps(["echo ok", "x\n#SBATCH -A y"]))
+    result = build_golden(cli, project)
+    assert result.code == 2 and "line 2" in result.err
+    assert list(project.experiments.iterdir()) == []
+
+
+def test_a_prologue_built_around_validation_is_still_refused():
+    with pytest.raises(CruijffError, match="line 1"):
+        render_script(job_name="j", resources=ResourceProfile(), command=["true"],
+                      workdir=Path("/w"), log_file=Path("/w/log"), description="d",
+                      prologue=["true\n#SBATCH --uid=0"])
+
+
+def test_worker_jobs_start_with_the_prologue(cli, project, tmp_path):
+    from cruijff.flows.clusters import group_by_profile, slurm_cluster
+
+    from cruijff.runner import load_experiment
+
+    assert build_golden(cli, project, PROLOGUE).code == 0
+    exp = load_experiment(project.experiments / "golden")
+    [(name, (profile, _))] = group_by_profile(exp.trials).items()
+    tls = tmp_path / "tls"
+    tls.mkdir(mode=0o700)
+    with slurm_cluster(exp, name, profile, tls_dir=tls) as cluster:
+        lines = cluster.job_script().splitlines()
+    start = lines.index("module load cuda/12.4")
+    assert lines[start + 1:start + 3] == ["source /opt/venvs/site/bin/activate",
+                                          'conda activate "my env"  # quoted: a name with a space']
+    assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < start
+    assert start < lines.index("export CRUIJFF_STAGE_STEP=1")
+    assert start < next(i for i, line in enumerate(lines) if "distributed.cli" in line)

@@ -279,8 +279,8 @@ def test_hostile_strings_in_string_values_stay_data(cli, project, tmp_path):
              str(script)], env={"ARGV": str(argv), "PATH": "/usr/bin:/bin"},
             capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
-        trial = yaml.safe_load((script.parent / "config.yaml").read_text(encoding="utf-8"))
-        assert argv.read_text(encoding="utf-8").splitlines() == trial["commands"][script.stem]
+        assert argv.read_text(encoding="utf-8").splitlines() == [
+            sys.executable, "-m", "cruijff", "stage", str(script.parent), script.stem]
     eval_yaml = yaml.safe_load((experiment / "trial-b" / "eval.yaml").read_text())
     assert eval_yaml["generate"]["system_message"] == _payloads(canary)[0]
     assert eval_yaml["model_args"]["note"] == f"$(touch {canary})"

@@ -17,6 +17,7 @@ from cruijff.errors import CruijffError
 from cruijff.pipeline import RunPlan, run_in_process
 from cruijff.registry import STAGES
 from cruijff.runner import load_experiment
+from cruijff.slurm import shown_stage_command, stage_job_command
 from cruijff.state import read_record
 
 TOUCH = "testing_touch"
@@ -187,7 +188,8 @@ def test_a_trial_config_without_its_commands_still_runs(touch_experiment):
 
 
 def test_the_slurm_scripts_run_the_command_a_run_derives(built):
-    """One source: the `exec` line of every .slurm script is what a run would run."""
+    """One source: every .slurm script runs its stage through `cruijff stage` (which derives
+    the command as a run does), and shows the command a run would run."""
     experiment = load_experiment(built)
     for trial in experiment.trials:
         for stage in trial.stages:
@@ -195,4 +197,5 @@ def test_the_slurm_scripts_run_the_command_a_run_derives(built):
             config = yaml.safe_load(spec.config_path(trial.dir).read_text(encoding="utf-8"))
             script = (trial.dir / f"{stage}.slurm").read_text(encoding="utf-8")
             [line] = [line for line in script.splitlines() if line.startswith("exec ")]
-            assert shlex.split(line)[1:] == spec.command(trial.dir, config, trial.model)
+            assert shlex.split(line)[1:] == stage_job_command(trial.dir, stage)
+            assert shown_stage_command(script) == spec.command(trial.dir, config, trial.model)
