@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import dask
+from cruijff.flows.artifacts import publish
 from cruijff.flows.clusters import STAGE_SLOT, Endpoints, clusters, wait_for_stage
+from cruijff.flows.stage_logs import show_attempt_log, show_latest_log
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 from prefect.exceptions import PrefectHTTPStatusError
@@ -31,7 +33,7 @@ from cruijff.pipeline import (
 )
 from cruijff.runner import STOP, STOP_GRACE_S, Trial, execute_stage, load_experiment, summarize
 from cruijff.slurm import SlurmSubmitError
-from cruijff.state import StageRecord
+from cruijff.state import StageRecord, read_record
 from cruijff.utilization import attempt_use, use_line, use_row
 
 
@@ -96,11 +98,14 @@ def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: in
                grown: dict[str, Any] | None = None) -> dict:
     exp = load_experiment(Path(experiment))
     trial = exp.trial(trial_id)
+    before = read_record(trial.dir, stage)
     try:
         record = execute_stage(trial, stage, key, threads=threads, grown=grown)
     except OSError as exc:  # a full disk, a folder made read-only mid-run
+        show_latest_log(trial.dir, stage, before)
         raise StageFailedError(f"{stage} of trial {trial_id} could not write its log or "
                                f"record: {exc}") from None
+    show_attempt_log(trial.dir, record)  # the task run's log pane: how the attempt went
     _show_use(exp.name, trial_id, record)
     if record.status != "done":
         raise StageFailedError(f"{stage} of trial {trial_id} failed: {record.error}")
@@ -117,33 +122,44 @@ run_stage = task(name="stage")(_run_stage)
 def _submitter(experiment: str, threads: int, endpoints: Endpoints) -> Any:
     """cruijff.pipeline's seam: an attempt of a stage is a Prefect task on the trial's Dask
     cluster, named and tagged for the UI. An attempt grow_on_oom gives more memory runs on a
-    cluster of that shape, as a subflow of the trial's (its own task runner)."""
+    cluster of that shape, as a subflow of the trial's (its own task runner).
+
+    Each attempt of cruijff's retry loop (cruijff.pipeline.run_with_retries) is its own task
+    run, `trial-<id>/<stage> attempt <n>` tagged `attempt:<n>`: the loop runs in the flow, not
+    as Prefect task retries, which would be lost with a Slurm worker job."""
     def submit(trial: Trial, stage: str, key: str, attempt: int,
                grown: dict[str, Any] | None) -> bool:
-        name = f"trial-{trial.id}-{stage}" + (f"-retry{attempt - 1}" if attempt > 1 else "")
+        name = attempt_name(trial.id, stage, attempt)
         if grown and endpoints.grown is not None:
             endpoint = endpoints.grown(trial, grown)
             runner = DaskTaskRunner(address=endpoint.address,
                                     client_kwargs={"security": endpoint.security})
             state = grown_flow.with_options(
-                flow_run_name=f"{name}-" + "-".join(f"{k}{v}" for k, v in grown.items()),
+                flow_run_name=f"{name} (" + ", ".join(f"{k} {v}" for k, v in grown.items())
+                + ")",
                 task_runner=runner,
-            )(experiment, trial.id, stage, key, threads, grown, name, return_state=True)
+            )(experiment, trial.id, stage, key, threads, grown, name, attempt,
+              return_state=True)
             return state.is_completed() and state.result(raise_on_failure=False) is True
-        return _attempt(experiment, trial.id, stage, key, threads, None, name)
+        return _attempt(experiment, trial.id, stage, key, threads, None, name, attempt)
 
     return submit
 
 
+def attempt_name(trial_id: str, stage: str, attempt: int) -> str:
+    """A stage attempt's task run name: `trial-a/finetune attempt 2`."""
+    return f"trial-{trial_id}/{stage} attempt {attempt}"
+
+
 def _attempt(experiment: str, trial_id: str, stage: str, key: str, threads: int,
-             grown: dict[str, Any] | None, name: str) -> bool:
+             grown: dict[str, Any] | None, name: str, attempt: int = 1) -> bool:
     """Submit one attempt as a stage task to the current flow's task runner; wait for it."""
     # The annotation is read in the thread that submits: here, not around the run.
     with dask.annotate(resources={STAGE_SLOT: 1}):
         future = run_stage.with_options(
             task_run_name=name,
-            tags=[f"stage:{stage}"] + ([f"grown:{k}={v}" for k, v in grown.items()]
-                                       if grown else []),
+            tags=[f"stage:{stage}", f"attempt:{attempt}"]
+            + ([f"grown:{k}={v}" for k, v in grown.items()] if grown else []),
         ).submit(experiment, trial_id, stage, key, threads, grown)
     wait_for_stage(future, experiment, stop=STOP)  # raises if no Slurm job can be submitted
     if STOP.is_set():
@@ -207,16 +223,19 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
                                             plan.threads, plan.retries)
 
                 # Trials beyond what the workers can run wait here, not as live subflows: 200
-                # subflows at once overwhelm a SQLite-backed Prefect server (HTTP 503).
+                # subflows at once overwhelm a SQLite-backed Prefect server (HTTP 503). Twice
+                # the slots keeps the next stage queued on Dask as a worker frees; a trial
+                # waiting for a shared stage gives its place up (cruijff.pipeline.Places).
                 slots = len({e.address for e in addresses.values()}) * (
                     plan.workers if plan.executor == "local" else exp.orchestration.max_jobs)
-                states = run_concurrently(plan.selection, start, 2 * slots)
+                states = run_concurrently(plan.selection, start, 2 * slots, sharing)
         finally:
             _RUNS.pop(run_id, None)
             _ENDPOINTS.pop(run_id, None)
     if STOP.is_set():
         return Cancelled(message="stopped by the user (Ctrl-C or SIGTERM): `cruijff run` "
                          "resumes the experiment")
+    publish(exp)  # how it went, as artifacts of this flow run (never fails it)
     failed = [t for t, s in states.items() if s != "COMPLETED"]
     if failed:
         raise StageFailedError(f"trials failed: {', '.join(failed)}")

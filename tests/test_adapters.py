@@ -239,7 +239,7 @@ def test_a_run_with_adapter_only_checkpoints_evaluates(cli, tiny_llama, tmp_path
     assert "accuracy" in records[b].metrics and records[b].metrics["samples"] == 4
     assert records[b].metrics == records[a].metrics
     logs = {t: read_eval_log(str(t / records[t].outputs[0])) for t in (a, b)}
-    assert logs[b].eval.model == f"hf/{b / 'checkpoints' / 'final'}"
+    assert logs[b].eval.model == f"hf/cruijff/tiny-llama+{b.name.removeprefix('trial-')}"
     assert logs[b].eval.model_args["model_path"] == str(b / ".eval-model" / "epoch_0")
     assert [s.output.completion for s in logs[b].samples] == \
         [s.output.completion for s in logs[a].samples]

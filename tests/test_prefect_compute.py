@@ -69,16 +69,17 @@ def test_each_stage_run_logs_what_it_used_and_publishes_a_table(project, prefect
 
     tasks, messages, artifacts = asyncio.run(
         stage_runs(prefect_env["PREFECT_API_URL"], "Usage_View"))
-    assert sorted(tasks) == [f"trial-a-{TOUCH}", f"trial-b-{TOUCH}", f"trial-b-{TOUCH}-retry1"]
-    line = next(m for m in messages[f"trial-a-{TOUCH}"] if "used:" in m)
+    assert sorted(tasks) == [f"trial-a/{TOUCH} attempt 1", f"trial-b/{TOUCH} attempt 1",
+                             f"trial-b/{TOUCH} attempt 2"]
+    line = next(m for m in messages[f"trial-a/{TOUCH} attempt 1"] if "used:" in m)
     assert re.fullmatch(rf"trial a {TOUCH} used: wall [\d.]+s, CPU [\d.]+s, peak RSS \d+M", line)
-    assert any("used:" in m for m in messages[f"trial-b-{TOUCH}-retry1"])  # failed: shown too
+    assert any("used:" in m for m in messages[f"trial-b/{TOUCH} attempt 2"])  # failed: shown too
 
     key_a, key_b = (f"compute-usage-view-{t}-testing-touch" for t in "ab")
     assert sorted(k for k in artifacts if k in (key_a, key_b)) == [key_a, key_b]
     assert len(artifacts[key_b]) == 2  # one version per attempt
     [a] = artifacts[key_a]
-    assert a.type == "table" and a.task_run_id == tasks[f"trial-a-{TOUCH}"].id
+    assert a.type == "table" and a.task_run_id == tasks[f"trial-a/{TOUCH} attempt 1"].id
     rows = json.loads(a.data) if isinstance(a.data, str) else a.data
     assert [(r["trial"], r["stage"], r["attempt"], r["status"]) for r in rows] == [
         ("a", TOUCH, "1", "done")]

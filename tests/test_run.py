@@ -86,7 +86,8 @@ def test_evals_are_inspect_logs_with_status_success(experiment):
         assert record.status == "done" and record.metrics["samples"] == samples
         log = read_eval_log(str(experiment / f"trial-{trial}" / record.outputs[0]))
         assert log.status == "success"
-        assert log.eval.model.endswith("checkpoints/final")
+        assert log.eval.model == f"hf/{TINY}+{trial}"  # named by id, not by its folder
+        assert log.eval.model_args["model_path"].endswith("checkpoints/final")
         work = record.usage.throughput
         assert work["samples"] == samples and work["samples_per_s"] > 0
         assert 0 < work["eval_s"] < record.usage.wall_s
@@ -132,11 +133,12 @@ def test_prefect_has_tagged_flow_and_task_runs(experiment, env):
         if flow_run.name != "three":
             assert f"trial:{flow_run.name[-1]}" in flow_run.tags
     stage_runs = {t.name: t for t in tasks if t.name.startswith("trial-")}  # not subflow stubs
-    assert sorted(stage_runs) == ["trial-a-eval", "trial-a-finetune", "trial-b-eval",
-                                  "trial-c-eval", "trial-c-finetune"]
+    assert sorted(stage_runs) == ["trial-a/eval attempt 1", "trial-a/finetune attempt 1",
+                                  "trial-b/eval attempt 1", "trial-c/eval attempt 1",
+                                  "trial-c/finetune attempt 1"]
     for name, task_run in stage_runs.items():
-        trial, stage = name.split("-")[1:]
-        assert {f"trial:{trial}", f"stage:{stage}"} <= set(task_run.tags)
+        trial, stage = name.removeprefix("trial-").removesuffix(" attempt 1").split("/")
+        assert {f"trial:{trial}", f"stage:{stage}", "attempt:1"} <= set(task_run.tags)
 
 
 def test_rerunning_a_complete_experiment_executes_nothing(experiment, env):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -162,17 +164,136 @@ def give_ids(task: Any, split: str) -> None:
 
 @contextmanager
 def loadable(config: dict[str, Any], trial_dir: Path, stage: str) -> Iterator[dict[str, Any]]:
-    """The model args that load a stage config's model. A fine-tune saved as its adapter
-    alone is merged with its base (cruijff/adapters.py: never peft) into `.<stage>-model` in
-    the trial, removed afterwards; Inspect still names the checkpoint as the model."""
+    """The model args that load a stage config's model: its weights from `model_path` (the
+    config's model), so that Inspect can name the model by its id (inspect_names). A
+    fine-tune saved as its adapter alone is merged with its base (cruijff/adapters.py: never
+    peft) into `.<stage>-model` in the trial, removed afterwards."""
     checkpoint = Path(str(config["model"]).removeprefix("hf/"))
     if checkpoint_shape(checkpoint) != "adapter":
-        yield config["model_args"]
+        yield {"model_path": str(checkpoint), **config["model_args"]}
         return
     source = FinetuneStage().config_path(trial_dir)
     base = LoraBase.from_config(load_yaml_mapping(source, "fine-tune config"), source)
     with merged_model(checkpoint, base, trial_dir / f".{stage}-model") as folder:
         yield {**config["model_args"], "model_path": str(folder)}
+
+
+STAGE_RUN_ENVIRONMENT = {"stage_key": "CRUIJFF_STAGE_KEY", "attempt": "CRUIJFF_STAGE_ATTEMPT",
+                         "run_id": "CRUIJFF_RUN_ID"}
+"""What `cruijff run` (runner.execute_stage) tells a stage's process about this run of it,
+which the trial's files cannot: its metadata key -> the environment variable."""
+
+
+@dataclass(frozen=True)
+class InspectNames:
+    """What a stage's Inspect logs call its run, so that `inspect view` over an experiment
+    reads as the experiment does: the model by its id, the trial in tags and metadata."""
+
+    model: str
+    """`hf/<model id>`; `hf/<model id>+<trial>` for the trial's fine-tune (`/epoch_<N>`
+    added for an earlier checkpoint); the config's own model where it is neither."""
+    tags: list[str]
+    metadata: dict[str, Any]
+
+    def adding(self, tags: list[str], metadata: dict[str, Any]) -> InspectNames:
+        return InspectNames(self.model, [*self.tags, *tags], {**self.metadata, **metadata})
+
+
+def inspect_names(config: dict[str, Any], trial_dir: Path, stage: str) -> InspectNames:
+    """The names of a stage run in its trial (read from the trial's config.yaml) and, under
+    `cruijff run`, its key, attempt and run id. A stage run by hand, or a config outside a
+    trial, still runs: it is named by what is known."""
+    trial: dict[str, Any] = {}
+    if (trial_dir / "config.yaml").is_file():
+        try:
+            trial = load_yaml_mapping(trial_dir / "config.yaml", "trial config")
+        except CruijffError:
+            trial = {}
+    path = str(config["model"]).removeprefix("hf/")
+    model_id = _model_id(path, trial, trial_dir)
+    metadata: dict[str, Any] = {
+        "experiment": trial.get("experiment"), "trial": trial.get("id"),
+        "treatment": trial.get("treatment"), "label": trial.get("label"),
+        "control": trial.get("control"), "stage": stage,
+        "base_model": trial.get("model"), "model_path": path,
+    }
+    for key, variable in STAGE_RUN_ENVIRONMENT.items():
+        metadata[key] = os.environ.get(variable)
+    if metadata["attempt"] is not None and str(metadata["attempt"]).isdigit():
+        metadata["attempt"] = int(metadata["attempt"])
+    # the tags Prefect's runs of it carry (flows/experiment.py), and its treatment
+    tagged = {"exp": "experiment", "trial": "trial", "stage": "stage", "attempt": "attempt",
+              "treatment": "label"}
+    tags = ["cruijff", *(f"{tag}:{metadata[key]}" for tag, key in tagged.items()
+                         if metadata[key] is not None)]
+    return InspectNames(f"hf/{model_id}" if model_id else str(config["model"]), tags,
+                        {k: v for k, v in metadata.items() if v is not None})
+
+
+def _model_id(path: str, trial: dict[str, Any], trial_dir: Path) -> str | None:
+    """The base model's id where the config evaluates the trial's base model; `<id>+<trial>`
+    where it evaluates the trial's fine-tune; None for a model the trial does not know."""
+    base = trial.get("model")
+    if not isinstance(base, str) or not base:
+        return None
+    where = Path(os.path.abspath(path))
+    if trial.get("model_path") and where == Path(os.path.abspath(trial["model_path"])):
+        return base
+    final = Path(os.path.abspath(trial_dir)) / FINAL_CHECKPOINT
+    if where.parent == final.parent and trial.get("id") is not None:
+        return f"{base}+{trial['id']}" + ("" if where == final else f"/{where.name}")
+    return None
+
+
+def _log_files(log_dir: Path) -> set[str]:
+    from inspect_ai.log import list_eval_logs
+
+    if not log_dir.is_dir():
+        return set()
+    return {info.name for info in list_eval_logs(str(log_dir), recursive=False)}
+
+
+@contextmanager
+def error_logged(log_dir: Path, config: dict[str, Any], names: InspectNames,
+                 limit: int | None) -> Iterator[None]:
+    """An eval that fails before Inspect writes its log (the model does not load, the task
+    cannot be built) still leaves one, status error, in log_dir: `inspect view` shows every
+    failed attempt beside the one that succeeded."""
+    before = _log_files(log_dir)
+    try:
+        yield
+    except Exception as exc:
+        if not _log_files(log_dir) - before:
+            write_error_log(log_dir, config, names, limit, exc)
+        raise
+
+
+def write_error_log(log_dir: Path, config: dict[str, Any], names: InspectNames,
+                    limit: int | None, exc: BaseException) -> Path:
+    """An Inspect log of status error for an eval that failed before it ran a sample."""
+    from inspect_ai.log import (
+        EvalConfig,
+        EvalDataset,
+        EvalError,
+        EvalLog,
+        EvalSpec,
+        write_eval_log,
+    )
+
+    created = datetime.now().astimezone().isoformat(timespec="seconds")
+    spec = EvalSpec(created=created, task=str(config["task"]), task_file=config["task_file"],
+                    task_args=dict(config["task_args"]), dataset=EvalDataset(),
+                    model=names.model, model_args={"model_path": names.metadata.get("model_path"),
+                                                  **config["model_args"]},
+                    config=EvalConfig(limit=limit), tags=names.tags, metadata=names.metadata)
+    text = "".join(traceback.format_exception(exc))
+    log = EvalLog(eval=spec, status="error", error=EvalError(
+        message=f"{type(exc).__name__}: {exc}", traceback=text, traceback_ansi=text))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = re.sub(r"[:]", "-", created)
+    path = log_dir / f"{stamp}_{re.sub(r'[^A-Za-z0-9_.-]', '-', spec.task)}_{spec.eval_id}.eval"
+    write_eval_log(log, str(path))
+    return path
 
 
 def eval_throughput(log: Any) -> dict[str, float]:
@@ -324,19 +445,25 @@ class EvalStage(Stage):
         from cruijff.tasks import task_imports
 
         config = load_yaml_mapping(config_path, "eval config")
-        make_task = task_factory(config)
+        names = inspect_names(config, config_path.parent, self.name)
+        make_task = task_factory({**config, "model": names.model})
         # the task's folder on sys.path while it runs: a scorer may import its modules lazily
-        with loadable(config, config_path.parent, self.name) as model_args, \
+        with error_logged(Path(config["log_dir"]), config, names, config["limit"]), \
+                loadable(config, config_path.parent, self.name) as model_args, \
                 task_imports(Path(config["task_file"]).parent):
             success, logs = eval_set(  # prompt_opt's choice around a task that does not take it
                 tasks=[apply_prompt(make_task(**config["task_args"]), config.get("prompt"))],
                 log_dir=config["log_dir"],
-                model=config["model"],
+                model=names.model,
                 model_args=model_args,
+                tags=names.tags,
+                metadata=names.metadata,
                 limit=config["limit"],
                 display="plain",
                 retry_attempts=0,  # cruijff's retries decide (a failure that repeats is not
-                **config["generate"],  # retried; a retry re-runs only the failed samples)
+                retry_cleanup=False,  # retried; a retry re-runs only the failed samples), and
+                log_dir_allow_dirty=True,  # every attempt's log stays, as do logs of an
+                **config["generate"],  # earlier config: `inspect view` shows them all
             )
         if not success:
             _raise_if_import_error(logs, config["task"])

@@ -38,7 +38,9 @@ from cruijff.stages import (
 )
 from cruijff.stages.eval import (
     HeadlineMetric,
+    error_logged,
     headline_metric,
+    inspect_names,
     inspect_target,
     loadable,
     log_metrics,
@@ -99,14 +101,16 @@ class PromptOptStage(Stage):
 
         config = load_yaml_mapping(config_path, "prompt_opt config")
         trial_dir = config_path.parent
+        names = inspect_names(config, trial_dir, self.name)  # as the eval's logs are named
         wrapped = list(config.get("wrap") or [])  # configs built before it: the task's args
         if config.get("split_via") == "data_copy":
             scoring = {"data_path": str(scoring_copy(data_file(config), config["split"],
                                                      trial_dir / "prompt_opt" / "data"))}
-            make_task = task_factory({**config, "reads_split": config["split"]})
+            make_task = task_factory({**config, "model": names.model,
+                                      "reads_split": config["split"]})
         else:
             scoring = {"split": config["split"]}
-            make_task = task_factory(config)
+            make_task = task_factory({**config, "model": names.model})
         space = SearchSpace(
             system_prompts=list(config["system_prompts"]),
             fewshot_sets=demonstrations(data_file(config),
@@ -118,12 +122,18 @@ class PromptOptStage(Stage):
 
         def evaluate(model_args: dict[str, Any], candidate: Candidate) -> Scored:
             task_args, around = split_candidate(candidate.args, wrapped)
-            task = apply_prompt(make_task(**{**config["task_args"], **task_args, **scoring}),
-                                around)
-            [log] = inspect_eval(task, model=config["model"], model_args=model_args,
-                                 limit=config["max_samples"], display="none",
-                                 log_dir=str(Path(config["log_dir"]) / f"c{candidate.number}"),
-                                 **config["generate"])
+            log_dir = Path(config["log_dir"]) / f"c{candidate.number}"
+            named = names.adding([f"candidate:{candidate.number}"],
+                                 {"candidate": candidate.number,
+                                  "candidate_label": candidate.label})
+            # a candidate that fails before Inspect logs it still leaves an error log there
+            with error_logged(log_dir, config, named, config["max_samples"]):
+                task = apply_prompt(
+                    make_task(**{**config["task_args"], **task_args, **scoring}), around)
+                [log] = inspect_eval(task, model=named.model, model_args=model_args,
+                                     limit=config["max_samples"], display="none",
+                                     log_dir=str(log_dir), tags=named.tags,
+                                     metadata=named.metadata, **config["generate"])
             if log.status != "success":
                 error = log.error.message if log.error else log.status
                 raise RuntimeError(f"candidate {candidate.number} failed: {error}")
