@@ -111,7 +111,26 @@ def _request(config_path: Path, task: str, *, dataset: list[str] | None,
     return BuildRequest(config_path=config_path, task=task, design=design, root=root, name=name)
 
 
-def _build(request: BuildRequest, *, dry_run: bool, force: bool, as_json: bool) -> Built:
+TABLE_ROWS = 50
+"""A build of more trials prints its first TABLE_HEAD rows and a line on the rest: rendering a
+1,000-row table takes a second, and nobody reads it on a terminal."""
+TABLE_HEAD = 20
+
+
+def _trial_counts(rows: list[dict]) -> str:
+    """'1000 trials: 2 models × 1 dataset × 500 treatments (2 control trials)'."""
+    def count(n: int, word: str) -> str:
+        return f"{n} {word}{'s' if n != 1 else ''}"
+
+    controls = sum(1 for row in rows if row["label"] == "control")
+    treatments = len({row["label"] for row in rows if row["label"] != "control"})
+    return (f"{len(rows)} trials: {count(len({r['model'] for r in rows}), 'model')} × "
+            f"{count(len({r['dataset'] for r in rows}), 'dataset')} × "
+            f"{count(treatments, 'treatment')} ({count(controls, 'control trial')})")
+
+
+def _build(request: BuildRequest, *, dry_run: bool, force: bool, as_json: bool,
+           verbose: bool = False) -> Built:
     from cruijff.experiment import build_experiment, trial_rows
 
     built = build_experiment(request, dry_run=dry_run, force=force)
@@ -122,13 +141,17 @@ def _build(request: BuildRequest, *, dry_run: bool, force: bool, as_json: bool) 
                           "notices": built.plan.notices, "warnings": built.warnings,
                           "trials": rows}, indent=2))
         return built
+    shown = rows if verbose or len(rows) <= TABLE_ROWS else rows[:TABLE_HEAD]
     table = Table(title=f"{built.name}: {len(rows)} trials")
     for column in ("trial", "model", "dataset", "treatment", "control", "stages"):
         table.add_column(column, overflow="fold")
-    for row in rows:
+    for row in shown:
         table.add_row(row["id"], Text(row["model"]), Text(row["dataset"]), Text(row["label"]),
                       row["control"] or "-", " → ".join(row["stages"]))
     out.print(table)
+    if len(shown) < len(rows):
+        out.print(f"… {len(rows) - len(shown)} more; --json or --verbose for all "
+                  f"({_trial_counts(rows)})", markup=False, soft_wrap=True)
     for notice in built.plan.notices:
         out.print(f"note: {notice}", markup=False)
     for warning in built.warnings:
@@ -161,12 +184,15 @@ def build(
     force: Annotated[bool, typer.Option(
         "--force", help="rebuild an existing experiment, moving the old one to .archive/")] = False,
     as_json: JsonFlag = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help=f"list every trial (beyond {TABLE_ROWS} the table shows the "
+        f"first {TABLE_HEAD})")] = False,
 ) -> None:
     """Turn a config and controls/treatments into an experiment of trials."""
     request = _request(config_path, task, dataset=dataset, model=model, control=control,
                        controls=controls, control_path=control_path, treatment=treatment,
                        treatments=treatments, treatment_path=treatment_path, name=name, root=root)
-    _build(request, dry_run=dry_run, force=force, as_json=as_json)
+    _build(request, dry_run=dry_run, force=force, as_json=as_json, verbose=verbose)
 
 
 STATUS_STYLE = {"done": "green", "reused": "green", "skipped": "green", "failed": "red",
@@ -179,8 +205,9 @@ def _results(selection: Selection, *, held: bool) -> tuple[Table, list[dict], bo
     (accuracy, final loss)."""
     from cruijff.registry import STAGES
     from cruijff.runner import trial_states
+    from cruijff.summary import in_run_order
 
-    stages = list(dict.fromkeys(s for _, trial_stages in selection for s in trial_stages))
+    stages = in_run_order([trial_stages for _, trial_stages in selection])
     # The outcome first (the eval's headline metric), then how it came about (the final loss).
     headlines = [(stage, h) for stage in reversed(stages) for h in STAGES[stage].headlines]
     table_rows: list[tuple[str, Text, list[str], dict[str, Any]]] = []
@@ -456,7 +483,8 @@ def summary(
         from cruijff.runner import unlocked
 
         flow_states, notice = prefect_view(
-            api, exp.name, unheld=None if result.running else (lambda: unlocked(exp)))
+            api, exp.name, unheld=None if result.running else (lambda: unlocked(exp)),
+            names={exp.name, *(f"{exp.name}/trial-{t.id}" for t in result.trials)})
         if notice:
             result.notices.append(notice)
     for trial in result.trials:
@@ -470,7 +498,9 @@ def summary(
 
 
 def _print_summary(result: Summary, last_run: str | None) -> None:
-    stages = list(dict.fromkeys(s for t in result.trials for s in t.stages))
+    from cruijff.summary import in_run_order
+
+    stages = in_run_order([list(t.stages) for t in result.trials])
     table = Table(title=f"{result.experiment}: {'running' if result.running else 'not running'}"
                   + (f", last run {last_run}" if last_run else ""))
     table.add_column("trial")
@@ -893,6 +923,23 @@ def exec_stage(
     raise typer.Exit(code)
 
 
+@app.command("stage", hidden=True)
+def stage_by_hand(
+    trial_dir: Annotated[Path, typer.Argument(help="the trial folder")],
+    stage: Annotated[str, typer.Argument(help="stage name")],
+) -> None:
+    """Run one stage of one trial as `cruijff run` does and record it (what `<stage>.slurm`
+    runs). Exit 0 when it is done, 1 when it failed, 2 when it cannot start."""
+    from cruijff.by_hand import outcome_line, run_stage
+
+    record = run_stage(trial_dir, stage,
+                       say=lambda line: out.print(line, markup=False, soft_wrap=True))
+    if record is not None and not record.is_done:
+        err.print(outcome_line(trial_dir.name.removeprefix("trial-"), record), markup=False,
+                  soft_wrap=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def version() -> None:
     """Print cruijff's version."""
@@ -933,6 +980,9 @@ def _show_plugin_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2."""
+    # Prefect's SDK telemetry off in cruijff's processes and their children (Dask workers,
+    # the server): no usage events from a researcher's runs; a DO_NOT_TRACK set is kept.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     _show_plugin_warnings()
     try:
         app(args=argv, prog_name="cruijff")

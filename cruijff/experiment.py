@@ -47,7 +47,7 @@ from cruijff.settings import (
     ResourceProfile,
     describe_validation_error,
 )
-from cruijff.slurm import render_script
+from cruijff.slurm import render_script, stage_job_command
 from cruijff.splits import check_trial
 from cruijff.stages import Stage, TrialContext, pipeline_stages
 from cruijff.state import RECORDS, now
@@ -308,10 +308,12 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
         files[f"{folder}/{stem}.slurm"] = render_script(
             job_name=f"cruijff-{name}-{trial.id}-{stage.name}",
             resources=profiles[stage.name],
-            command=command,
+            command=stage_job_command(trial_dir, stage.name),
             workdir=trial_dir,
             log_file=trial_dir / "logs" / f"{stem}-%j.out",
             description=f"experiment {name}, trial {trial.id} ({trial.label}), stage {stage.name}",
+            prologue=config.slurm.prologue,
+            stage_command=command,
         )
     files[f"{folder}/config.yaml"] = dump_yaml({
         **trial.to_dict(),
@@ -480,10 +482,121 @@ def _holding_run_lock(path: Path, name: str) -> Iterator[None]:
 
 
 def _copy_root_config(config_path: Path, root: Path) -> None:
-    """The spec's layout keeps the experiment config at the root, beside the experiments."""
+    """The spec's layout keeps the experiment config at the root, beside the experiments.
+    The copy must mean what the original meant where it lands: its relative paths
+    (tasks_dir, data_dir, model_dir, finetune_config, eval_config, and their defaults) are
+    rewritten relative to the copy, so `cruijff build --config-path <root>/config.yaml`
+    finds the same tasks, data and models. A copy already there is the user's: kept."""
+    from cruijff.fileio import atomic_write_text
+
     target = root / "config.yaml"
-    if not target.exists():
-        shutil.copyfile(config_path, target)
+    if target.exists():
+        return
+    text = config_path.read_text(encoding="utf-8")
+    atomic_write_text(target, relocated_config(text, config_path, root.resolve()))
+
+
+def _path_fields() -> dict[str, tuple[str, ...]]:
+    """ExperimentConfig's path-valued fields: name -> the keys a file may give it by."""
+    from pydantic import AliasChoices
+
+    fields: dict[str, tuple[str, ...]] = {}
+    for name, info in ExperimentConfig.model_fields.items():
+        if info.annotation not in (Path, Path | None):
+            continue
+        alias = info.validation_alias
+        keys = tuple(str(a) for a in alias.choices) if isinstance(alias, AliasChoices) else ()
+        fields[name] = tuple(dict.fromkeys((name, *keys)))
+    return fields
+
+
+def _moved(value: str, source: Path, dest: Path) -> str | None:
+    """`value` (a path relative to folder `source`) relative to folder `dest`; None when it
+    means the same from anywhere (absolute, or under ~). Both folders are resolved, so
+    walking up from `dest` is exact; the value itself is kept as written (a symlink in it
+    stays a symlink)."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return None
+    up = os.path.relpath(source, dest)
+    return value if up == "." else str(Path(up) / value)
+
+
+def _yaml_scalar(text: str) -> str:
+    import yaml
+
+    plain = re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_./-]*", text) is not None
+    return text if plain and yaml.safe_load(text) == text else json.dumps(text)
+
+
+def relocated_config(text: str, origin: Path, dest: Path) -> str:
+    """The text of config file `origin` (resolved), moved to folder `dest`: each relative
+    path-valued setting rewritten (in place, so comments and every other key stay as
+    written), and path settings the file left to their defaults written out. Should the
+    in-place edit not read back as meant, the mapping is written anew (without comments)."""
+    import yaml
+
+    data = yaml.safe_load(text) if text.strip() else {}
+    if not isinstance(data, dict):
+        return text  # not a config the build could have read; copied as it is
+    moves = _path_moves(data, origin.parent, dest)
+    edited = _edited_in_place(text, moves)
+    try:
+        ok = edited is not None and yaml.safe_load(edited) == {**data, **moves}
+    except yaml.YAMLError:
+        ok = False
+    if edited is None or not ok:
+        edited = dump_yaml({**data, **moves})
+    shown = str(origin) if str(origin).isprintable() else "the experiment's config"
+    return (f"# copied by `cruijff build` from {shown}; its relative paths rewritten to "
+            "point where the original's do\n") + edited
+
+
+def _path_moves(data: dict[str, Any], source: Path, dest: Path) -> dict[str, str]:
+    """The key -> new value of each path setting that means something else from `dest`
+    (a default the file leaves out is added under the field's own name)."""
+    moves: dict[str, str] = {}
+    for name, keys in _path_fields().items():
+        key = next((k for k in keys if k in data), None)
+        value = data.get(key) if key else ExperimentConfig.model_fields[name].default
+        if isinstance(value, str | Path):
+            moved = _moved(str(value), source, dest)
+            if moved is not None or key is None:
+                moves[key or name] = moved or str(value)
+    return moves
+
+
+def _edited_in_place(text: str, moves: dict[str, str]) -> str | None:
+    """`text` with the values of `moves` replaced where they stand and the missing keys
+    added at the mapping's end; None where the text's shape is not one this handles."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader) if text.strip() else None
+    except yaml.YAMLError:
+        return None
+    if node is not None and not isinstance(node, yaml.MappingNode):
+        return None
+    entries = {k.value: v for k, v in (node.value if node else [])
+               if isinstance(k, yaml.ScalarNode)}
+    edits: list[tuple[int, int, str]] = []
+    for key, value in moves.items():
+        if key in entries:
+            where = entries[key]
+            edits.append((where.start_mark.index, where.end_mark.index, _yaml_scalar(value)))
+    added = [f"{key}: {_yaml_scalar(value)}" for key, value in moves.items()
+             if key not in entries]
+    if added and node is not None and node.flow_style:
+        at = node.end_mark.index - 1  # before the closing brace
+        edits.append((at, at, (", " if node.value else "") + ", ".join(added)))
+    elif added:
+        at = node.end_mark.index if node is not None else len(text)
+        indent = " " * (node.value[0][0].start_mark.column if node and node.value else 0)
+        lead = "" if at == 0 or text[at - 1] == "\n" else "\n"
+        edits.append((at, at, lead + "".join(f"{indent}{line}\n" for line in added)))
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text
 
 
 def matching_experiment(request: BuildRequest) -> Path | None:

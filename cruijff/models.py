@@ -10,6 +10,7 @@ folder that the config must point at, so a researcher names a model and gets a r
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -17,15 +18,15 @@ import math
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from cruijff.errors import CruijffError
+from cruijff.errors import CruijffError, did_you_mean
 from cruijff.fileio import load_json
 from cruijff.prompt_format import TRAINING_FORMATS
 from cruijff.settings import CruijffSettings
-from cruijff.state import file_digest
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
@@ -197,6 +198,31 @@ def family_of(model: str) -> Family | None:
     return None
 
 
+_LLAMA_SIZES = (("3.2", "1B"), ("3.2", "3B"), ("3.1", "8B"), ("3.1", "70B"), ("3.3", "70B"))
+KNOWN_MODELS: tuple[str, ...] = (
+    "cruijff/tiny-llama", "cruijff/tiny-llama-random", "cruijff/tiny-llama3",
+    "cruijff/tiny-qwen2.5",
+    *(f"meta-llama/Llama-{v}-{size}{kind}" for v, size in _LLAMA_SIZES
+      for kind in ("", "-Instruct")),
+    *(f"Qwen/Qwen2.5-{size}B{kind}" for size in ("0.5", "1.5", "3", "7")
+      for kind in ("", "-Instruct")),
+)
+"""The hub ids a FAMILIES pattern knows, by name: what a misspelled id is compared with
+(a test checks each has its family)."""
+
+
+def suggest_model(model: str) -> str:
+    """' (did you mean 'org/name'?)' for a hub id a typo away from one cruijff knows
+    (KNOWN_MODELS; case aside), else '': a misspelled known id says so instead of "unknown
+    model". Closer than errors.did_you_mean asks: another real model (a 11B for a 1B) is no
+    typo of a known one."""
+    if is_local(model) or family_of(model) is not None:
+        return ""
+    by_lower = {known.lower(): known for known in KNOWN_MODELS}
+    close = difflib.get_close_matches(model.lower(), list(by_lower), n=1, cutoff=0.9)
+    return did_you_mean(by_lower[close[0]], [by_lower[close[0]]]) if close else ""
+
+
 def _architecture_id(folder: Path) -> str | None:
     try:
         config = load_json(folder / "config.json", "model config.json")
@@ -279,9 +305,9 @@ def ensure_model(model_id: str, model_dir: Path, settings: CruijffSettings) -> P
         return dest
     if settings.is_offline:
         raise CruijffError(
-            f"model {model_id} is neither in {dest} nor in the Hugging Face cache and cruijff "
-            f"is offline: put the Hugging Face files there (e.g. `hf download {model_id} "
-            f"--local-dir {dest}`)"
+            f"model {model_id}{suggest_model(model_id)} is neither in {dest} nor in the "
+            "Hugging Face cache and cruijff is offline: put the Hugging Face files there "
+            f"(e.g. `hf download {model_id} --local-dir {dest}`)"
         )
     return _download(model_id, dest)
 
@@ -295,14 +321,78 @@ def _download(model_id: str, dest: Path) -> Path:
         snapshot_download(repo_id=model_id, local_dir=partial)
     except Exception as exc:  # the hub raises many types; all mean "could not download"
         raise CruijffError(
-            f"could not download model {model_id}: {str(exc).splitlines()[0]} "
+            f"could not download model {model_id}{suggest_model(model_id)}: "
+            f"{(str(exc).splitlines() or [type(exc).__name__])[0]} "
             f"(or put its files in {dest})"
         ) from None
     partial.rename(dest)
     return dest
 
 
+_DIGESTS: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, once per process while its inode, size and mtime stay (a file
+    replaced by another of the same size and mtime is another inode): a model's small files,
+    a trial's data."""
+    stat = path.stat()
+    signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    known = _DIGESTS.get(str(path))
+    if known is not None and known[0] == signature:
+        return known[1]
+    with path.open("rb") as fh:
+        value = hashlib.file_digest(fh, "sha256").hexdigest()
+    _DIGESTS[str(path)] = (signature, value)
+    return value
+
+
+_FINGERPRINTS: dict[str, tuple[tuple, str]] = {}
+"""Model folder -> (its signature, its fingerprint): the latest one per folder, this process."""
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
+def _folder_signature(folder: Path) -> tuple:
+    """Every entry under a folder (hidden ones too: the hub's download records count) by
+    path, inode, size, mtime and link target, as rglob walks it: a changed, replaced, added
+    or removed file changes it. A stat per file, where the fingerprint reads and hashes."""
+    entries: list[tuple] = []
+    pending = [str(folder)]
+    while pending:
+        try:
+            scan = os.scandir(pending.pop())
+        except OSError as exc:
+            entries.append((exc.filename, "unreadable"))
+            continue
+        with scan:
+            for entry in scan:
+                try:
+                    stat = entry.stat()  # through links: a retargeted link changes the inode
+                    link = os.readlink(entry.path) if entry.is_symlink() else None
+                except OSError:
+                    entries.append((entry.path, "dangling"))
+                    continue
+                entries.append((entry.path, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                                stat.st_mode, link))
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return tuple(sorted(entries, key=lambda e: e[0]))
+
+
 def model_fingerprint(folder: Path) -> str:
+    """model_folder_fingerprint, computed once per process for as long as no file in the folder
+    changes (a run or `summary` asks for it once per stage of every trial)."""
+    signature = _folder_signature(folder)
+    known = _FINGERPRINTS.get(str(folder))
+    if known is not None and known[0] == signature:
+        return known[1]
+    fingerprint = model_folder_fingerprint(folder)
+    with _FINGERPRINTS_LOCK:
+        _FINGERPRINTS[str(folder)] = (signature, fingerprint)
+    return fingerprint
+
+
+def model_folder_fingerprint(folder: Path) -> str:
     """A hash of a model folder's files by name and content, so that one model fingerprints
     the same from model_dir, the Hugging Face cache or a copy. Hidden files (huggingface_hub's
     .cache bookkeeping, .gitattributes) say nothing about the model and are left out."""

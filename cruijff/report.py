@@ -57,6 +57,7 @@ from cruijff.store import (
     open_store,
     scoring_stage,
 )
+from cruijff.summary import in_run_order
 from cruijff.utilization import (
     HIGH_SHARE,
     LOW_SHARE,
@@ -99,7 +100,8 @@ class TrialResult:
     dataset: str
     control: str | None
     status: str
-    """'ok' when the trial has results; else pending, running, failed or unreadable."""
+    """'ok' when the trial has results; else its eval's state in runner.trial_states' words
+    (pending, blocked, running, interrupted, failed, ...), or unreadable (its log)."""
     detail: str | None = None
     scorer: str | None = None
     estimate: Estimate | None = None
@@ -109,6 +111,8 @@ class TrialResult:
     """Why a treatment has no comparison (its control has no results, no common samples)."""
     final_loss: float | None = None
     losses: list[float | None] = field(default_factory=list)
+    losses_from: str | None = None
+    """The trial whose fine-tune this one reused (its losses are that trial's run's)."""
     wall_s: float | None = None
     arm: str = "fine-tune"
     """How the trial adapts the model: base, prompt-opt, fine-tune or both."""
@@ -142,7 +146,7 @@ class TrialResult:
                 "p": cmp.p_value, "p_holm": self.p_holm, "method": cmp.method,
                 "wins": cmp.wins, "losses": cmp.losses},
             "note": self.note, "arm": self.arm, "final_loss": self.final_loss,
-            "steps": len(self.losses),
+            "steps": len(self.losses), "losses_from": self.losses_from,
             "wall_s": self.wall_s,
         })
 
@@ -256,8 +260,10 @@ def analyze(
                                   scoring_stage(t.get("stages") or list(DEFAULT_PIPELINE))
                                   or "eval") for t in trials}
     if not any(r is not None and r.is_done for r in evals.values()):
+        words = run_states(path, [t["id"] for t in trials[:5]])
+        recorded = {i: (r.status if r else "pending", None) for i, r in evals.items()}
         states = "; ".join(f"{t['id']} ({t.get('label', '')}): "
-                           f"{evals[t['id']].status if evals[t['id']] else 'pending'}"
+                           f"{words.get(t['id'], recorded[t['id']])[0]}"
                            for t in trials[:5])  # checked before creating a store for nothing
         raise CruijffError(f"experiment at {path} has no results yet: no trial has a finished "
                            f"eval ({states}); run it first: cruijff run {path}")
@@ -269,6 +275,12 @@ def analyze(
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise CruijffError(f"cannot read results from {store.url}: {reason}") from None
     analysis.load = load
+    words = run_states(path, [t.id for t in analysis.trials
+                              if not t.has_results and t.status != "unreadable"])
+    for trial in analysis.trials:
+        if trial.id in words:
+            trial.status, detail = words[trial.id]
+            trial.detail = detail or trial.detail
     if not any(t.has_results for t in analysis.trials):
         lines = "; ".join(m.describe() for m in analysis.missing[:5])
         raise CruijffError(f"experiment {analysis.experiment} has no results yet: no trial "
@@ -276,6 +288,37 @@ def analyze(
     if formats:
         write_report(analysis, output or path / REPORT_DIR, formats)
     return analysis
+
+
+def run_states(path: Path, trial_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """Per trial, its scoring stage's state in the words `run`, `progress` and `summary` use
+    (runner.trial_states: pending, blocked, running, interrupted, failed, ...), with what
+    blocks it; {} where the experiment cannot be read as a run reads it (the store's words
+    stand then)."""
+    from cruijff.runner import load_experiment, trial_states, unlocked
+
+    if not trial_ids:
+        return {}
+    unreadable = (CruijffError, OSError, KeyError, TypeError, ValueError)
+    try:
+        experiment = load_experiment(path)
+        held = not unlocked(experiment)
+    except unreadable:  # e.g. written by an older cruijff, or not by a build
+        return {}
+    words: dict[str, tuple[str, str | None]] = {}
+    for trial in experiment.trials:
+        scoring = scoring_stage(trial.stages) if trial.id in trial_ids else None
+        if scoring is None:
+            continue
+        try:
+            states = trial_states(trial, trial.stages, held=held)
+        except unreadable:
+            continue
+        state = states[scoring]
+        stopped = next((f"{stage} {s.state}" for stage, s in states.items()
+                        if s.state in ("failed", "interrupted")), None)
+        words[trial.id] = (state.state, stopped if state.state == "blocked" else state.detail)
+    return words
 
 
 def compute_analysis(store: Store, experiment_path: Path, *, confidence: float = 0.95,
@@ -374,6 +417,11 @@ def compute_analysis(store: Store, experiment_path: Path, *, confidence: float =
                                         seed=seed, binary=binary)
         except ValueError as exc:
             result.note = str(exc)
+    for run in compute:  # a reused fine-tune's losses are its owner's run's, not a second run
+        trial, owner = by_id.get(run.trial), by_id.get(run.reused_from or "")
+        if (trial is not None and owner is not None and trial[0].losses
+                and trial[0].losses == owner[0].losses):
+            trial[0].losses_from = owner[0].id
     compared = [r for r in results if r.comparison is not None]
     for result, adjusted in zip(compared, holm([r.comparison.p_value for r in compared]),
                                 strict=True):
@@ -707,11 +755,14 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
 th, td { padding: 0.25em 0.6em; border-bottom: 1px solid #ddd; text-align: right;
          white-space: nowrap; }
-td:nth-child(2) { white-space: normal; }
+td:nth-child(2) { white-space: normal; overflow-wrap: anywhere; min-width: 8em; }
 th:nth-child(-n+2), td:nth-child(-n+2) { text-align: left; }
 tr.missing td { color: #b00020; }
 tr.significant td { font-weight: bold; }
-svg.plot { display: block; margin: 0.5em 0 2em; background: #fff; }
+svg.plot { display: block; margin: 0.5em 0 2em; background: #fff; max-width: 100%;
+           height: auto; }
+table { display: block; overflow-x: auto; max-width: 100%; }
+@media (max-width: 700px) { body { margin: 0.6em; } }
 svg text { font-size: 11px; fill: #333; }
 .axis line, .grid { stroke: #ccc; }
 .ci { stroke: #1f77b4; stroke-width: 2; }
@@ -720,6 +771,7 @@ svg text { font-size: 11px; fill: #333; }
 .significant .point { fill: #d62728; }
 .zero { stroke: #555; stroke-dasharray: 4 3; }
 .loss-curve { fill: none; stroke-width: 1.5; }
+.loss-marker { stroke: #fff; stroke-width: 0.5; }
 #compute tr[data-outcome] td { color: #b00020; }
 rect.memory { fill: #1f77b4; }
 rect.memory.oom { fill: #d62728; }
@@ -729,6 +781,29 @@ line.asked { stroke: #222; stroke-width: 2; }
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 LEFT, PLOT_W, RIGHT, ROW_H, TOP, BOTTOM = 190, 560, 30, 18, 30, 40
+FONT_PX = 11
+"""svg text's size (CSS above): what label widths are estimated at."""
+LABEL_CHARS = 64
+"""A plot's trial label is cut (with …) beyond this many characters; its title has it whole."""
+_EM = {**dict.fromkeys(" ,.:;'!|/\\[]()", 0.40), **dict.fromkeys("iljIJ", 0.30),
+       **dict.fromkeys("frt", 0.42), **dict.fromkeys("mwMW%@", 1.0),
+       **dict.fromkeys("+=<>^~#&", 0.84), **dict.fromkeys("ABCDGHKNOQRUVXYZ", 0.79)}
+"""Character widths in em, a little over DejaVu Sans's (the wide fallback a headless browser
+uses): labels are measured generously so that no font cuts them off."""
+
+
+def _text_px(text: str, size: float = FONT_PX) -> float:
+    """An upper estimate of `text`'s width in pixels (SVG text cannot be measured here)."""
+    return size * sum(_EM.get(ch, 0.66 if ord(ch) < 0x2000 else 1.0) for ch in text)
+
+
+def _label_margin(labels: list[str], least: float = 60.0) -> float:
+    """The left margin that holds the longest label (right-aligned at margin - 8) whole."""
+    return max([least, *(math.ceil(_text_px(label)) + 16 for label in labels)])
+
+
+def _trial_label(trial_id: str, label: str) -> str:
+    return _short(f"{trial_id}: {label}", LABEL_CHARS)
 
 
 def _ticks(lo: float, hi: float, count: int = 8) -> list[float]:
@@ -749,13 +824,14 @@ def _short(text: str, width: int = 30) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _x_axis(lo: float, hi: float, x, y0: float, y1: float, label: str) -> list[str]:
+def _x_axis(lo: float, hi: float, x, y0: float, y1: float, label: str,
+            left: float = LEFT) -> list[str]:
     parts = ['<g class="axis">']
     for tick in _ticks(lo, hi):
         parts.append(f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{y0}" '
                      f'y2="{y1}"/><text x="{x(tick):.1f}" y="{y1 + 14}" '
                      f'text-anchor="middle">{tick:g}</text>')
-    parts.append(f'<text x="{LEFT + PLOT_W / 2}" y="{y1 + 30}" text-anchor="middle">'
+    parts.append(f'<text x="{left + PLOT_W / 2}" y="{y1 + 30}" text-anchor="middle">'
                  f'{html.escape(label)}</text></g>')
     return parts
 
@@ -775,16 +851,17 @@ def _interval_plot(plot_id: str, rows: list[tuple[TrialResult, float, float, flo
                    lo: float, hi: float, label: str, zero: bool, empty: str) -> str:
     """Points with interval bars, one row per trial (a forest plot)."""
     height = TOP + max(1, len(rows)) * ROW_H + BOTTOM
-    width = LEFT + PLOT_W + RIGHT
+    left = _label_margin([_trial_label(t.id, t.label) for t, *_ in rows])
+    width = left + PLOT_W + RIGHT
     if not rows:
         return _empty_plot(plot_id, width, height, empty)
     parts = [_svg_open(plot_id, width, height)]
 
     def x(v: float) -> float:
-        return LEFT + (min(max(v, lo), hi) - lo) / (hi - lo) * PLOT_W
+        return left + (min(max(v, lo), hi) - lo) / (hi - lo) * PLOT_W
 
     y_end = TOP + len(rows) * ROW_H
-    parts += _x_axis(lo, hi, x, TOP - 6, y_end, label)
+    parts += _x_axis(lo, hi, x, TOP - 6, y_end, label, left)
     if zero:
         parts.append(f'<line class="zero" x1="{x(0):.1f}" x2="{x(0):.1f}" y1="{TOP - 6}" '
                      f'y2="{y_end}"/>')
@@ -794,8 +871,8 @@ def _interval_plot(plot_id: str, rows: list[tuple[TrialResult, float, float, flo
         name = html.escape(f"{t.id}: {t.label}")
         parts.append(f'<g class="{cls}" data-trial="{html.escape(t.id)}"><title>{name}: '
                      f'{value:.3f} {_interval(low, high)}</title>'
-                     f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">'
-                     f'{html.escape(_short(f"{t.id}: {t.label}"))}</text>')
+                     f'<text class="label" x="{left - 8}" y="{y + 4:.1f}" '
+                     f'text-anchor="end">{html.escape(_trial_label(t.id, t.label))}</text>')
         if math.isfinite(low) and math.isfinite(high):
             parts.append(f'<line class="ci" x1="{x(low):.1f}" x2="{x(high):.1f}" '
                          f'y1="{y:.1f}" y2="{y:.1f}"/>')
@@ -840,16 +917,32 @@ MAX_LEGEND = 20
 
 
 def loss_plot(analysis: Analysis) -> str:
+    """One curve per fine-tune run: a trial that reused another's run is named in that run's
+    legend line ("reused from a"), not drawn again on top of it. Longer curves are drawn
+    first, so a shorter one lies on top; short curves get markers besides."""
     curves = [(t, [(i + 1, v) for i, v in enumerate(t.losses) if v is not None])
               for t in analysis.trials if any(v is not None for v in t.losses)]
-    width, height = LEFT + PLOT_W + RIGHT, 320
-    legend_rows = min(len(curves), MAX_LEGEND) + (len(curves) > MAX_LEGEND)
-    height += legend_rows * 14
-    if not curves:
+    owners = {t.id for t, _ in curves}
+    reusers: dict[str, list[TrialResult]] = defaultdict(list)
+    for t, _ in curves:
+        if t.losses_from in owners and t.losses_from != t.id:
+            reusers[str(t.losses_from)].append(t)
+    reused = {r.id for group in reusers.values() for r in group}
+    drawn = [(t, pts) for t, pts in curves if t.id not in reused]
+    legend: list[tuple[TrialResult, str | None]] = []  # (trial, whose run it reused)
+    for t, _ in drawn:
+        legend.append((t, None))
+        legend += [(r, t.id) for r in reusers.get(t.id, [])]
+    texts = [_legend_text(t, owner) for t, owner in legend[:MAX_LEGEND]]
+    width = max(LEFT + PLOT_W + RIGHT,
+                LEFT + 26 + max((math.ceil(_text_px(x)) for x in texts), default=0) + 8)
+    legend_rows = min(len(legend), MAX_LEGEND) + (len(legend) > MAX_LEGEND)
+    height = 320 + legend_rows * 14
+    if not drawn:
         return _empty_plot("loss-plot", width, height, "no fine-tuning losses")
     parts = [_svg_open("loss-plot", width, height)]
-    values = [v for _, pts in curves for _, v in pts]
-    steps = max(s for _, pts in curves for s, _ in pts)
+    values = [v for _, pts in drawn for _, v in pts]
+    steps = max(s for _, pts in drawn for s, _ in pts)
     log = min(values) > 0 and max(values) / min(values) > 50
     ty = math.log10 if log else (lambda v: v)
     y_lo, y_hi = ty(min(values)), ty(max(values))
@@ -877,25 +970,45 @@ def loss_plot(analysis: Analysis) -> str:
     parts.append(f'<text x="{LEFT + PLOT_W / 2}" y="{y1 + 30}" text-anchor="middle">'
                  f'step</text><text x="{LEFT - 50}" y="{y0 - 10}" text-anchor="middle">'
                  f'loss{" (log scale)" if log else ""}</text></g>')
-    for i, (t, pts) in enumerate(curves):
+    colours = {t.id: PALETTE[i % len(PALETTE)] for i, (t, _) in enumerate(drawn)}
+    for t, pts in sorted(drawn, key=lambda c: -c[1][-1][0]):  # stable: longest first
         stride = max(1, math.ceil(len(pts) / MAX_POINTS))
         kept = pts[::stride] if pts[-1] in pts[::stride] else [*pts[::stride], pts[-1]]
-        colour = PALETTE[i % len(PALETTE)]
         coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in kept)
-        parts.append(f'<polyline class="loss-curve" data-trial="{html.escape(t.id)}" '
-                     f'stroke="{colour}" points="{coords}"><title>'
-                     f'{html.escape(f"{t.id}: {t.label}")}</title></polyline>')
-        if i < MAX_LEGEND:
-            ly = y1 + 48 + i * 14
-            parts.append(f'<g class="legend"><line x1="{LEFT}" x2="{LEFT + 20}" y1="{ly - 4}" '
-                         f'y2="{ly - 4}" stroke="{colour}" stroke-width="2"/>'
-                         f'<text x="{LEFT + 26}" y="{ly}">'
-                         f'{html.escape(_short(f"{t.id}: {t.label}", 80))}</text></g>')
-    if len(curves) > MAX_LEGEND:
+        names = " ".join(r.id for r in reusers.get(t.id, []))
+        shared = f' data-reused-by="{html.escape(names)}"' if names else ""
+        title = f"{t.id}: {t.label}" + (f" (reused by {', '.join(names.split())})"
+                                         if names else "")
+        parts.append(f'<g class="loss" data-trial="{html.escape(t.id)}"{shared}>'
+                     f'<title>{html.escape(title)}</title><polyline class="loss-curve" '
+                     f'data-trial="{html.escape(t.id)}" stroke="{colours[t.id]}" '
+                     f'points="{coords}"/>')
+        if len(kept) <= MARKED_POINTS or pts[-1][0] * 4 <= steps:
+            parts += [f'<circle class="loss-marker" cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" '
+                      f'fill="{colours[t.id]}"/>' for s, v in kept]
+        parts.append("</g>")
+    for i, ((t, owner), text) in enumerate(zip(legend, texts, strict=False)):
+        ly = y1 + 48 + i * 14
+        dash = ' stroke-dasharray="4 3"' if owner else ""
+        parts.append(f'<g class="legend" data-trial="{html.escape(t.id)}"><line x1="{LEFT}" '
+                     f'x2="{LEFT + 20}" y1="{ly - 4}" y2="{ly - 4}" '
+                     f'stroke="{colours[owner or t.id]}" stroke-width="2"{dash}/>'
+                     f'<text x="{LEFT + 26}" y="{ly}">{html.escape(text)}</text></g>')
+    if len(legend) > MAX_LEGEND:
         parts.append(f'<text x="{LEFT}" y="{y1 + 48 + MAX_LEGEND * 14}">… and '
-                     f'{len(curves) - MAX_LEGEND} more curves</text>')
+                     f'{len(legend) - MAX_LEGEND} more trials</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+MARKED_POINTS = 30
+"""A curve of at most this many points (or a quarter of the longest's steps) gets markers."""
+
+
+def _legend_text(trial: TrialResult, owner: str | None) -> str:
+    """A loss legend line: the trial, and for one that reused a fine-tune, whose."""
+    suffix = f" — reused from {owner}" if owner else ""
+    return _short(f"{trial.id}: {trial.label}", 80 - len(suffix)) + suffix
 
 
 PANEL_W, PANEL_GAP = 250, 60
@@ -931,14 +1044,16 @@ def compute_plot(analysis: Analysis) -> str:
     e = html.escape
     trials = list(dict.fromkeys(c.trial for c in analysis.compute
                                 if c.use.wall_s is not None or c.use.peak_rss_mib is not None))
-    stages = list(dict.fromkeys(c.stage for c in analysis.compute))
-    width = LEFT + 2 * PANEL_W + PANEL_GAP + RIGHT
+    stages = in_run_order([[c.stage for c in analysis.compute if c.trial == t]
+                           for t in dict.fromkeys(c.trial for c in analysis.compute)])
+    labels = {c.trial: c.label for c in analysis.compute}
+    left = _label_margin([_trial_label(t, labels[t]) for t in trials])
+    width = left + 2 * PANEL_W + PANEL_GAP + RIGHT
     height = TOP + max(1, len(trials)) * ROW_H + BOTTOM + 14 * len(stages) + 10
     if not trials:
         return _empty_plot("compute-plot", width, height,
                            "no stage has a wall time or memory figure")
     parts = [_svg_open("compute-plot", width, height)]
-    labels = {c.trial: c.label for c in analysis.compute}
     runs: dict[str, list[StageCompute]] = defaultdict(list)
     for c in analysis.compute:
         runs[c.trial].append(c)
@@ -950,9 +1065,9 @@ def compute_plot(analysis: Analysis) -> str:
                    + [c.use.asked_mem_mib or 0.0 for c in peaks.values() if c])
     scale_m, unit_m = _memory_unit(most_mib)
     y_end = TOP + len(trials) * ROW_H
-    time_axis, xt = _panel(LEFT, max(walls.values()) / scale_t or 1.0, TOP - 6, y_end,
+    time_axis, xt = _panel(left, max(walls.values()) / scale_t or 1.0, TOP - 6, y_end,
                            f"wall time per stage ({unit_t})")
-    mem_left = LEFT + PANEL_W + PANEL_GAP
+    mem_left = left + PANEL_W + PANEL_GAP
     mem_axis, xm = _panel(mem_left, most_mib / scale_m or 1.0, TOP - 6, y_end,
                           f"peak memory ({unit_m}; tick: asked)")
     parts += time_axis + mem_axis
@@ -960,8 +1075,9 @@ def compute_plot(analysis: Analysis) -> str:
     for i, trial in enumerate(trials):
         y = TOP + i * ROW_H + 3
         name = f"{trial}: {labels[trial]}"
-        parts.append(f'<g class="trial" data-trial="{e(trial)}"><text x="{LEFT - 8}" '
-                     f'y="{y + 11:.1f}" text-anchor="end">{e(_short(name))}</text>')
+        parts.append(f'<g class="trial" data-trial="{e(trial)}"><text class="label" '
+                     f'x="{left - 8}" y="{y + 11:.1f}" text-anchor="end">'
+                     f'{e(_trial_label(trial, labels[trial]))}</text>')
         start = 0.0
         for c in runs[trial]:
             if not c.use.wall_s:
@@ -989,8 +1105,8 @@ def compute_plot(analysis: Analysis) -> str:
         parts.append("</g>")
     for i, stage in enumerate(stages):
         ly = y_end + 48 + i * 14
-        parts.append(f'<g class="legend"><rect x="{LEFT}" y="{ly - 9}" width="20" height="10" '
-                     f'fill="{colours[stage]}"/><text x="{LEFT + 26}" y="{ly}">{e(stage)}'
+        parts.append(f'<g class="legend"><rect x="{left}" y="{ly - 9}" width="20" height="10" '
+                     f'fill="{colours[stage]}"/><text x="{left + 26}" y="{ly}">{e(stage)}'
                      f'</text></g>')
     parts.append("</svg>")
     return "".join(parts)

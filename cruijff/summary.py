@@ -120,3 +120,18 @@ def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) 
         if note:
             summary.notices.append(note)
     return summary
+
+
+def in_run_order(stage_lists: list[list[str]]) -> list[str]:
+    """Every stage named in any of the lists (each a trial's stages, in the order they run),
+    in the order stages run: the columns of a table that lists stages. A base-model trial's
+    [eval] listed before a fine-tuned trial's [finetune, eval] still puts finetune first."""
+    after: dict[str, set[str]] = {}
+    for stages in stage_lists:
+        for i, stage in enumerate(stages):
+            after.setdefault(stage, set()).update(stages[:i])
+    order: list[str] = []
+    while len(order) < len(after):  # the first-seen stage whose predecessors are all placed
+        ready = [s for s in after if s not in order and after[s] <= set(order)]
+        order.append(ready[0] if ready else next(s for s in after if s not in order))
+    return order

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,13 @@ from omegaconf import OmegaConf
 
 from cruijff.components import check_components
 from cruijff.metric_capture import CAPTURE_FILE, CAPTURE_KEY, CapturingLogger, install
-from cruijff.stages.finetune import FinetuneStage, metric_lines
+from cruijff.slurm import shown_stage_command
+from cruijff.stages.finetune import (
+    TORCHTUNE_LOGGERS,
+    FinetuneStage,
+    _signature_keywords,
+    metric_lines,
+)
 
 LOGGERS = "torchtune.training.metric_logging"
 STDOUT = f"{LOGGERS}.StdoutLogger"
@@ -119,6 +124,13 @@ def _build(cli, project, *treatments: str, name: str = "exp") -> Path:
     return project.experiments / name
 
 
+@pytest.mark.parametrize("component", sorted(TORCHTUNE_LOGGERS))
+def test_the_table_of_torchtunes_loggers_matches_the_installed_torchtune(component):
+    """The build reads torchtune's loggers' keywords from a table (no torch import); it must
+    say what the installed classes' signatures say."""
+    assert TORCHTUNE_LOGGERS[component] == _signature_keywords(component)
+
+
 @pytest.mark.parametrize(("logger", "log_dir"), [
     ("MLFlowLogger", False),  # takes no log_dir: torchtune would fail on one
     ("StdoutLogger", True),
@@ -162,9 +174,15 @@ def test_a_non_lora_recipe_runs_through_cruijffs_launcher(cli, project, tmp_path
     project.config.write_text(f"{project.config.read_text()}finetune_config: "
                               f"{tmp_path / 'full.yaml'}\n")
     exp = _build(cli, project, "finetune.epochs=2")
-    script = (exp / "trial-b" / "finetune.slurm").read_text().strip().splitlines()[-1]
-    assert shlex.split(script)[2:] == ["-m", "cruijff.recipes.run", "full_finetune_single_device",
-                                       "--config", str(exp / "trial-b" / "finetune.yaml")]
+    assert _slurm_stage_command(exp / "trial-b")[1:] == [
+        "-m", "cruijff.recipes.run", "full_finetune_single_device",
+        "--config", str(exp / "trial-b" / "finetune.yaml")]
+
+
+def _slurm_stage_command(trial: Path) -> list[str]:
+    """The fine-tune's own command as its .slurm script shows it (the script runs it through
+    `cruijff stage`)."""
+    return shown_stage_command((trial / "finetune.slurm").read_text())
 
 
 # ---- real fine-tunes of the tiny model -----------------------------------------------------
@@ -260,9 +278,9 @@ def test_a_distributed_fine_tune_under_torchrun_logging_to_stdout_is_done(
                  "--dataset", "words_5L_80_100.json")
     assert result.code == 0, result.err
     trial = tmp_path / "big" / "trial-a"
-    command = shlex.split((trial / "finetune.slurm").read_text().strip().splitlines()[-1])
-    assert Path(command[1]).name == "torchrun"
-    assert command[2:] == ["--standalone", "--nproc_per_node", "2", "-m", "cruijff.recipes.run",
+    command = _slurm_stage_command(trial)
+    assert Path(command[0]).name == "torchrun"
+    assert command[1:] == ["--standalone", "--nproc_per_node", "2", "-m", "cruijff.recipes.run",
                            "lora_finetune_distributed", "--config", str(trial / "finetune.yaml")]
     outcomes = run_in_process(RunPlan.make(tmp_path / "big", stage="finetune", workers=1))
     assert outcomes == {"a": {"finetune": "done"}}

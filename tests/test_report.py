@@ -308,3 +308,88 @@ def test_a_report_of_unmeasured_records_says_so(experiment: Path) -> None:
     assert all(not c.use.measured for c in analysis.compute)
     markdown = (experiment / "report" / "report.md").read_text()
     assert "No stage attempt was measured" in markdown
+
+
+def _as_built(experiment: Path) -> Path:
+    """Give the synthetic trials the model and data paths a build writes, so that the
+    experiment reads as a run reads it (runner.load_experiment)."""
+    import yaml
+
+    for config in experiment.glob("trial-*/config.yaml"):
+        data = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**data, "model_path": str(experiment / "m"),
+                                          "data_path": str(experiment / "d.json")}))
+    return experiment
+
+
+def test_a_trial_after_a_failed_fine_tune_is_blocked_as_summary_says(tmp_path: Path) -> None:
+    from cruijff.runner import load_experiment, trial_states
+    from cruijff.state import StageRecord, write_record
+
+    experiment = make_experiment(tmp_path / "exp", [
+        SyntheticTrial("a", scores=A),
+        SyntheticTrial("b", control="a", treatment={"finetune.lr": 9}, losses=[1.0],
+                       eval_status=None),
+        SyntheticTrial("c", control="a", treatment={"eval.limit": 3}, eval_status=None),
+    ])
+    write_record(experiment / "trial-b", StageRecord("finetune", "k", "failed", error="boom"))
+    _as_built(experiment)
+    summary_words = {t.id: trial_states(t, t.stages, held=False)["eval"].state
+                     for t in load_experiment(experiment).trials if t.id != "a"}
+    analysis = analyze(experiment)
+    assert [(t.id, t.status) for t in analysis.trials] == [("a", "ok"), ("b", "blocked"),
+                                                           ("c", "pending")]
+    assert summary_words == {"b": "blocked", "c": "pending"}
+    assert [m.describe() for m in analysis.missing] == [
+        "b (finetune.lr=9): blocked: finetune failed",
+        "c (eval.limit=3): pending: no eval record yet"]
+    assert read_csv(experiment / "report" / "results.csv")["b"]["status"] == "blocked"
+    assert "b (finetune.lr=9): blocked: finetune failed" in (
+        experiment / "report" / "report.md").read_text()
+
+
+def test_a_reused_fine_tune_is_one_curve_named_in_the_legend(tmp_path: Path) -> None:
+    experiment = make_experiment(tmp_path / "exp", [
+        SyntheticTrial("a", scores=A, losses=[3.0, 2.0, 1.0, 0.5, 0.4, 0.3]),
+        SyntheticTrial("b", scores=B, control="a", treatment={"eval.limit": 12},
+                       finetune_reused_from="a"),
+        SyntheticTrial("c", scores=C, control="a", treatment={"finetune.epochs": 1},
+                       losses=[3.1, 2.2]),
+    ])
+    analysis = analyze(experiment, formats={"html"})
+    assert analysis.trials[1].losses == analysis.trials[0].losses  # what the store holds
+    assert analysis.to_dict()["trials"][1]["losses_from"] == "a"
+    loss = (experiment / "report" / "report.html").read_text().split(
+        'id="loss-plot"')[1].split("</svg>")[0]
+    # a once (b's run is a's), the longer first so that the short c lies on top of it
+    assert re.findall(r'class="loss-curve" data-trial="(\w+)"', loss) == ["a", "c"]
+    assert 'data-reused-by="b"' in loss and "b: eval.limit=12 — reused from a" in loss
+    assert len(re.findall(r'class="loss-marker"', loss)) == 6 + 2
+
+
+def test_forest_plot_labels_are_whole_and_the_margin_holds_them(tmp_path: Path) -> None:
+    from cruijff.report import _text_px
+
+    label = {"finetune.model.lora_rank": 64, "dataset": "words_10L_80_1000.json"}
+    experiment = make_experiment(tmp_path / "exp", [
+        SyntheticTrial("a", scores=A), SyntheticTrial("b", scores=B, control="a",
+                                                      treatment=label)])
+    analyze(experiment, formats={"html"})
+    page = (experiment / "report" / "report.html").read_text()
+    for plot in ("metric-plot", "diff-plot"):
+        svg = page.split(f'id="{plot}"')[1].split("</svg>")[0]
+        shown = re.findall(r'<text class="label" x="([\d.]+)"[^>]*>([^<]*)</text>', svg)
+        assert ("b: finetune.model.lora_rank=64, dataset=words_10L_80_1000.json"
+                in [text for _, text in shown])  # whole: 61 characters
+        assert all(float(x) >= _text_px(text) for x, text in shown)  # right-aligned at x
+
+
+def test_stages_are_listed_in_the_order_they_run() -> None:
+    from cruijff.summary import in_run_order
+
+    assert in_run_order([["eval"], ["finetune", "eval"], ["prompt_opt", "eval"],
+                         ["finetune", "prompt_opt", "eval"]]) == ["finetune", "prompt_opt",
+                                                                   "eval"]
+    assert in_run_order([["eval"], ["acme__score"], ["finetune", "acme__score"]]) == [
+        "eval", "finetune", "acme__score"]
+    assert in_run_order([]) == []

@@ -183,10 +183,32 @@ def metric_lines(trial_dir: Path, config: dict[str, Any]) -> tuple[str, Path]:
     return _newest_log(log_dir), log_dir
 
 
+TORCHTUNE_LOGGERS: dict[str, tuple[frozenset[str], bool]] = {
+    f"torchtune.training.metric_logging.{name}": (frozenset(named), anything)
+    for name, named, anything in (
+        ("DiskLogger", ("log_dir", "filename"), True),
+        ("StdoutLogger", (), True),
+        ("TensorBoardLogger", ("log_dir", "organize_logs"), True),
+        ("WandBLogger", ("project", "entity", "group", "log_dir"), True),
+        ("MLFlowLogger", ("experiment_name", "tracking_uri", "run_id", "run_name"), False),
+        ("CometLogger", ("api_key", "workspace", "project", "experiment_key", "mode", "online",
+                         "experiment_name", "tags", "log_code"), True),
+    )}
+"""torchtune's own loggers' keywords, as `_keywords` reads them (tests/test_metric_loggers.py
+checks the table against the installed torchtune): a build need not import torch for them."""
+
+
 @functools.lru_cache(maxsize=64)
 def _keywords(component: str) -> tuple[frozenset[str], bool] | None:
     """The keyword arguments a component takes, and whether it takes any (**kwargs); None
     when cruijff cannot tell (not importable here, no signature)."""
+    if component in TORCHTUNE_LOGGERS:
+        return TORCHTUNE_LOGGERS[component]
+    return _signature_keywords(component)
+
+
+def _signature_keywords(component: str) -> tuple[frozenset[str], bool] | None:
+    """`_keywords` read off the component itself (importing its module)."""
     parts = component.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         try:
@@ -388,9 +410,13 @@ class FinetuneStage(Stage):
             source = torchtune_config_path(ctx.family.lora[1])
             family_sets = ctx.family.tune_overrides
         else:
+            from cruijff.models import suggest_model
+
+            typo = suggest_model(ctx.trial.model)
             raise CruijffError(
-                f"no torchtune config is known for model {ctx.trial.model}: set finetune_config "
-                "in config.yaml to a torchtune YAML for it"
+                f"no torchtune config is known for model {ctx.trial.model}{typo}: "
+                + ("correct the model id, or " if typo else "")
+                + "set finetune_config in config.yaml to a torchtune YAML for it"
             )
         config = copy.deepcopy(_load_default(source))
         for key, value in family_sets.items():
