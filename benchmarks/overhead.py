@@ -1,13 +1,15 @@
 """What does cruijff's orchestration cost? (run on demand, not in tests)
 
-    python benchmarks/overhead.py [--trials 4] [--workers 2]
+    python benchmarks/overhead.py [--trials 4] [--workers 2] [--repeats 5]
 
-Builds one tiny experiment twice and runs it
-  (a) as the raw stage commands taken from the generated .slurm scripts: serially, and with
-      the same parallelism cruijff uses (one trial pipeline per worker, same OMP threads);
+Builds one tiny experiment per side and repeat, and runs it
+  (a) as the raw stage commands taken from the generated .slurm scripts, with the same
+      parallelism cruijff uses (one trial pipeline per worker, same OMP threads);
   (b) with `cruijff run` (Prefect flow, subflow per trial, tasks on a Dask LocalCluster),
-and prints the wall times and the ratio of (b) to (a) at the same parallelism. The Prefect
-server is started before timing (it is started once and reused, not per run).
+the two alternating in order from one repeat to the next, and prints median and range of
+each, the ratio of (b) to (a), and the import of the run's Prefect/Dask side, each against
+its goal (issue 17). The Prefect server is started before timing, in the benchmark's own
+home, and stopped at the end (also on Ctrl-C or an error).
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from timing import MIN_REPEATS, alternate, describe, prefect_server
+
 REPO = Path(__file__).resolve().parent.parent
+RATIO_GOAL = 1.05
+IMPORT_GOAL_S = 1.0
+"""Launch to first stage ≤ 1 s: importing the flow's side alone must fit in it."""
 
 
 def cruijff(*args: str, env: dict) -> None:
@@ -32,9 +38,11 @@ def cruijff(*args: str, env: dict) -> None:
 
 
 def script_command(script: Path) -> list[str]:
-    """The command a generated batch script runs (its `exec` line)."""
-    line = next(ln for ln in script.read_text().splitlines() if ln.startswith("exec "))
-    return shlex.split(line)[1:]
+    """The stage's own command, as its generated batch script shows it (the script runs it
+    through `cruijff stage`, which records it: not raw)."""
+    from cruijff.slurm import shown_stage_command
+
+    return shown_stage_command(script.read_text())
 
 
 def raw_pipeline(trial: Path, env: dict) -> None:
@@ -42,24 +50,35 @@ def raw_pipeline(trial: Path, env: dict) -> None:
     for stage in ("finetune", "eval"):
         subprocess.run(script_command(trial / f"{stage}.slurm"), cwd=trial, env=env, check=True,
                        capture_output=True)
-        if stage == "finetune":
-            (trial / "checkpoints" / "final").symlink_to("epoch_0")
+        final = trial / "checkpoints" / "final"
+        if stage == "finetune" and not final.exists():
+            final.symlink_to("epoch_0")
+
+
+def import_seconds(module: str, env: dict, repeats: int) -> list[float]:
+    """Wall seconds of importing `module` in a new interpreter (its start-up not counted)."""
+    def once(code: str) -> float:
+        out = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); "
+                              f"{code}; print(time.perf_counter() - t)"], env=env, check=True,
+                             capture_output=True, text=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    return [once(f"import {module}") for _ in range(repeats)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS)
+    parser.add_argument("--steps", type=int, default=20, help="fine-tune steps per trial")
+    parser.add_argument("--samples", type=int, default=40, help="eval samples per trial")
     args = parser.parse_args()
 
-    from cruijff.flows.server import ensure_api
-
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, prefect_server(Path(tmp) / "home") as info:
         site = Path(tmp)
-        home = site / "home"
-        info = ensure_api(home)
         threads = max(1, (os.cpu_count() or 1) // args.workers)
-        env = dict(os.environ, CRUIJFF_HOME=str(home), PREFECT_API_URL=info.url,
+        env = dict(os.environ, CRUIJFF_HOME=str(site / "home"), PREFECT_API_URL=info.url,
                    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads),
                    HF_DATASETS_CACHE=str(site / "hf"))
         (site / "config.yaml").write_text(
@@ -69,35 +88,40 @@ def main() -> None:
         common = ["--config-path", str(site / "config.yaml"), "--task", "capitalization",
                   "--dataset", "words_5L_80_1000.json", "--model", "cruijff/tiny-llama-random",
                   "--control", "torchtune.epochs=1", "--control",
-                  "torchtune.max_steps_per_epoch=20", "--control", "eval.limit=40",
-                  "--treatments", ranks, "--root", str(site)]
-        for name in ("raw-serial", "raw-parallel", "cruijff"):
-            cruijff("build", *common, "--name", name, env=env)
+                  f"torchtune.max_steps_per_epoch={args.steps}", "--control",
+                  f"eval.limit={args.samples}", "--treatments", ranks, "--root", str(site)]
+        built = {side: [] for side in ("raw", "cruijff")}
+        for repeat in range(args.repeats):  # built before any timing
+            for side, names in built.items():
+                cruijff("build", *common, "--name", f"{side}-{repeat}", env=env)
+                names.append(site / f"{side}-{repeat}")
 
-        def trials(name: str) -> list[Path]:
-            return sorted((site / name).glob("trial-*"))
+        def raw() -> None:
+            trials = sorted(built["raw"].pop(0).glob("trial-*"))
+            with ThreadPoolExecutor(args.workers) as pool:
+                list(pool.map(lambda t: raw_pipeline(t, env), trials))
 
-        start = time.perf_counter()
-        for trial in trials("raw-serial"):
-            raw_pipeline(trial, dict(env, OMP_NUM_THREADS=str(os.cpu_count() or 1)))
-        serial = time.perf_counter() - start
+        def orchestrated() -> None:
+            cruijff("run", "-q", "--workers", str(args.workers), str(built["cruijff"].pop(0)),
+                    env=env)
 
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.workers) as pool:
-            list(pool.map(lambda t: raw_pipeline(t, env), trials("raw-parallel")))
-        parallel = time.perf_counter() - start
+        times = alternate({"raw": raw, "cruijff": orchestrated}, args.repeats)
+        imports = import_seconds("cruijff.flows.experiment", env, args.repeats)
 
-        start = time.perf_counter()
-        cruijff("run", "-q", "--workers", str(args.workers), str(site / "cruijff"), env=env)
-        orchestrated = time.perf_counter() - start
-
-    print(f"trials: {args.trials + 1} (fine-tune 20 steps + eval 40 samples each), "
-          f"workers: {args.workers}")
-    print(f"raw commands, serial:              {serial:7.1f} s")
-    print(f"raw commands, {args.workers} at a time:          {parallel:7.1f} s")
-    print(f"cruijff run (Prefect + Dask):      {orchestrated:7.1f} s")
-    print(f"ratio cruijff / raw at same parallelism: {orchestrated / parallel:.3f} "
-          "(target <= 1.15)")
+    ratios = [c / r for c, r in zip(times["cruijff"], times["raw"], strict=True)]
+    ratio = statistics.median(ratios)
+    load = os.getloadavg()[0]
+    print(f"trials: {args.trials + 1} (fine-tune {args.steps} steps + eval {args.samples} "
+          f"samples each), workers: {args.workers}, {os.cpu_count()} cores, "
+          f"load average {load:.1f}")
+    print(f"raw commands, {args.workers} at a time: {describe(times['raw'])}")
+    print(f"cruijff run (Prefect + Dask):  {describe(times['cruijff'])}")
+    print(f"cruijff / raw, pairwise:       median {ratio:.2f}× (range {min(ratios):.2f}-"
+          f"{max(ratios):.2f}); goal ≤ {RATIO_GOAL}×: "
+          f"{'met' if ratio <= RATIO_GOAL else 'MISSED'}")
+    fits = statistics.median(imports) < IMPORT_GOAL_S
+    print(f"import cruijff.flows.experiment: {describe(imports)}; part of launch → first "
+          f"stage, goal ≤ {IMPORT_GOAL_S:g} s: {'fits' if fits else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from timing import MIN_REPEATS, alternate, describe, prefect_server
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cruijff.slurm import shown_stage_command  # noqa: E402
 from cruijff.state import read_record  # noqa: E402
 
 
@@ -47,9 +47,8 @@ def one_script_per_trial(trial: Path, env: dict) -> None:
         script = trial / f"{stage}.slurm"
         if not script.exists():
             continue
-        line = next(ln for ln in script.read_text().splitlines() if ln.startswith("exec "))
-        subprocess.run(shlex.split(line)[1:], cwd=trial, env=env, check=True,
-                       capture_output=True)
+        subprocess.run(shown_stage_command(script.read_text()), cwd=trial, env=env,
+                       check=True, capture_output=True)
         if stage == "finetune":
             (trial / "checkpoints" / "final").symlink_to("epoch_0")
 

@@ -81,11 +81,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
     args = parser.parse_args()
-    from cruijff.flows.server import ensure_api
+    from timing import prefect_server
 
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp, \
+            prefect_server(Path(tmp) / "home") as info:
         site = Path(tmp)
-        info = ensure_api(site / "home")
         env = dict(os.environ, CRUIJFF_HOME=str(site / "home"), PREFECT_API_URL=info.url,
                    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                    HF_DATASETS_CACHE=str(site / "hf"))

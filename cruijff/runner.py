@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import re
@@ -34,8 +35,14 @@ from pydantic import TypeAdapter
 from cruijff.containment import check_contained, check_output_paths
 from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
-from cruijff.fileio import load_yaml_mapping, lock_within
-from cruijff.models import model_fingerprint
+from cruijff.fileio import (
+    atomic_write_text,
+    dump_yaml,
+    load_yaml_mapping,
+    lock_within,
+    parse_yaml,
+)
+from cruijff.models import file_digest, model_fingerprint
 from cruijff.registry import STAGES, file_stem
 from cruijff.sacct import step_name, step_prefix
 from cruijff.settings import OrchestrationConfig
@@ -50,7 +57,6 @@ from cruijff.state import (
     Usage,
     damaged_output,
     digest,
-    file_digest,
     now,
     output_fingerprint,
     read_record,
@@ -198,20 +204,33 @@ def _backend_version(distribution: str) -> str:
 
 
 def stage_key(trial: Trial, stage: str) -> str:
-    """A hash of everything that determines the stage's outputs: its config with this trial's
-    paths taken out, the data's content, the model's files, the backend's version, and the
-    runs of the stages before it. Equal keys mean equal outputs (so they can be shared)."""
-    text = STAGES[stage].config_path(trial.dir).read_text(encoding="utf-8")
+    """A hash of everything that determines the stage's outputs: its config's data (parsed and
+    written again, so a comment or layout edit changes nothing) with this trial's paths taken
+    out, the data's content, the model's files, the backend's version, and the runs of the
+    stages before it. Equal keys mean equal outputs (so they can be shared)."""
+    path = STAGES[stage].config_path(trial.dir)
+    return _key_of(trial, stage, CONFIG_DATA.text(trial.dir, path))
+
+
+def _text_key(trial: Trial, stage: str) -> str:
+    """The key as records written before stage_key hashed the config's data have it: of the
+    config's text. The same for a config without comments (what the build writes is what
+    dump_yaml writes), not for one with them (a finetune.yaml from a commented template)."""
+    path = STAGES[stage].config_path(trial.dir)
+    return _key_of(trial, stage, path.read_text(encoding="utf-8"))
+
+
+def _key_of(trial: Trial, stage: str, config: str) -> str:
     for path, placeholder in ((trial.dir, "<trial>"), (trial.model_path, "<model>"),
                               (trial.data_path, "<data>")):
-        text = text.replace(str(path), placeholder)
+        config = config.replace(str(path), placeholder)
     upstream = {}
     for earlier in trial.stages[: trial.stages.index(stage)]:
         record = read_record(trial.dir, earlier)
         upstream[earlier] = record.run_id if record else None
     return digest({
         "stage": stage,
-        "config": text,
+        "config": config,
         "data": file_digest(trial.data_path) if trial.data_path.is_file() else None,
         "model": [trial.model, model_fingerprint(trial.model_path)],
         "backend": _backend_version(STAGES[stage].backend),
@@ -219,10 +238,89 @@ def stage_key(trial: Trial, stage: str) -> str:
     })
 
 
+def key_matches(trial: Trial, stage: str, recorded: str, key: str) -> bool:
+    """A record's key stands for `key` (this trial's stage_key, or a sharing trial's): equal,
+    or a key from before stage_key hashed the config's data that still matches the config's
+    text, while the config's data gives `key` (so no experiment re-runs for the change)."""
+    if recorded == key:
+        return True
+    return recorded == _text_key(trial, stage) and stage_key(trial, stage) == key
+
+
+class ConfigData:
+    """A config's text as its data: dump_yaml(parse_yaml(text)). Parsing a commented
+    finetune.yaml takes milliseconds, so `summary` of 1,000 trials would spend seconds on it:
+    the result is kept by the text's sha256, in this process and in the trial's
+    .cruijff/config-data.json (what a text parses to does not change; the file names the
+    cruijff and PyYAML versions that wrote it, and is ignored under others)."""
+
+    FILE = "config-data.json"
+
+    def __init__(self) -> None:
+        self._known: dict[str, str | None] = {}  # text sha256 -> data text (None: the same)
+        self._read: set[str] = set()  # trial folders whose file is read
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _tag() -> str:
+        import yaml
+
+        from cruijff import __version__
+
+        return f"cruijff {__version__}, PyYAML {yaml.__version__}"
+
+    def text(self, trial_dir: Path, path: Path) -> str:
+        raw = path.read_text(encoding="utf-8")
+        sha = hashlib.sha256(raw.encode()).hexdigest()
+        self._load(trial_dir)
+        if sha in self._known:
+            known = self._known[sha]
+            return raw if known is None else known
+        try:
+            data = dump_yaml(parse_yaml(raw, str(path)))
+        except CruijffError:  # unreadable: its text stands for it (the stage will say why)
+            data = raw
+        with self._lock:
+            self._known[sha] = None if data == raw else data
+            self._save(trial_dir, sha)
+        return data
+
+    def _load(self, trial_dir: Path) -> None:
+        if str(trial_dir) in self._read:
+            return
+        try:
+            stored = json.loads((trial_dir / RECORDS / self.FILE).read_text(encoding="utf-8"))
+            if stored.get("written_by") == self._tag():
+                with self._lock:
+                    self._known.update(stored["texts"])
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            pass  # absent or unreadable: computed again
+        self._read.add(str(trial_dir))
+
+    def _save(self, trial_dir: Path, sha: str) -> None:
+        """Add one entry to the trial's file; a lost race or a read-only folder costs only a
+        parse next time."""
+        file = trial_dir / RECORDS / self.FILE
+        try:
+            stored = json.loads(file.read_text(encoding="utf-8"))
+            texts = stored["texts"] if stored.get("written_by") == self._tag() else {}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            texts = {}
+        texts = {k: v for k, v in texts.items() if isinstance(k, str)}
+        texts[sha] = self._known[sha]
+        with contextlib.suppress(OSError):
+            file.parent.mkdir(exist_ok=True)
+            atomic_write_text(file, json.dumps({"written_by": self._tag(), "texts": texts}))
+
+
+CONFIG_DATA = ConfigData()
+
+
 def is_done(trial: Trial, stage: str, key: str) -> bool:
     """Recorded done with this key, and its verified outputs are still all there."""
     record = read_record(trial.dir, stage)
-    return (record is not None and record.is_done and record.key == key
+    return (record is not None and record.is_done
+            and key_matches(trial, stage, record.key, key)
             and damaged_output(trial.dir, record) is None)
 
 
@@ -261,7 +359,8 @@ def trial_states(trial: Trial, stages: list[str], *, held: bool) -> dict[str, St
             detail = record_problem(trial.dir, stage)  # None, or why its record is unreadable
         elif record.status == "running" and not held:
             state = "interrupted"  # no run holds the experiment: nothing is running it
-        elif record.is_done and (rerun or record.key != stage_key(trial, stage)):
+        elif record.is_done and (rerun or not key_matches(trial, stage, record.key,
+                                                          stage_key(trial, stage))):
             state = "outdated"
         elif record.is_done and (detail := damaged_output(trial.dir, record)):
             state = "damaged"
@@ -391,6 +490,10 @@ def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = N
     failure_path(trial.dir, stage).unlink(missing_ok=True)
     env["CRUIJFF_WORK_REPORT"] = str(work_path(trial.dir, stage))
     env[FAILURE_REPORT] = str(failure_path(trial.dir, stage))
+    # what the stage cannot read from the trial's files (its Inspect logs carry them:
+    # cruijff/stages/eval.py STAGE_RUN_ENVIRONMENT)
+    env.update(CRUIJFF_STAGE_KEY=key, CRUIJFF_STAGE_ATTEMPT=str(attempts),
+               CRUIJFF_RUN_ID=record.run_id)
     if env.get("CRUIJFF_USAGE", "on") != "off":
         command = [sys.executable, "-m", "cruijff.usage", "--out", str(measured), "--",
                    *command]

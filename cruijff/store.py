@@ -1,8 +1,10 @@
 """The results store: an experiment's results from disk in SQL tables, for `cruijff analyze`.
 
 Disk is the truth (stage records, Inspect logs, torchtune loss logs); the store is derived from
-it and can always be rebuilt. Loading an experiment replaces all of its rows in one transaction,
-so loading twice gives the same rows, and a failed load leaves the previous ones.
+it and can always be rebuilt. Loading an experiment replaces, in one transaction, the rows of
+the trials whose records, logs or settings changed since they were loaded (each trial row keeps
+a digest of what it was read from), so loading twice gives the same rows, a second load of an
+unchanged experiment reads no log, and a failed load leaves the previous rows.
 
 By default the store is a SQLite file in the experiment folder (`results.sqlite`); any
 SQLAlchemy URL works instead (`CRUIJFF_DATABASE_URL`, e.g. a team's PostgreSQL). Experiments
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -44,6 +47,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     inspect,
     select,
@@ -53,15 +57,16 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from cruijff import __version__
 from cruijff.errors import CruijffError
 from cruijff.experiment import experiment_config, trial_dir_name
 from cruijff.fileio import load_yaml_mapping
 from cruijff.registry import DEFAULT_PIPELINE, STAGES
-from cruijff.state import StageRecord, read_record
+from cruijff.state import StageRecord, read_record, record_path
 from cruijff.urls import mask_url
 from cruijff.utilization import AttemptUse, attempt_use
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 DEFAULT_FILE = "results.sqlite"
 
 __all__ = [
@@ -137,6 +142,9 @@ class TrialRow(Base):
     """The headline metric, `<scorer>/<metric>` (eval.metric, else the first scorer's first)."""
     metric_default: Mapped[bool | None] = mapped_column(Boolean)
     """True: not chosen by eval.metric (the first scorer's first metric)."""
+    source: Mapped[str | None] = mapped_column(String(64))
+    """A digest of what the trial's rows were read from (_source): while disk gives the same,
+    a load keeps them instead of reading its logs again."""
 
 
 class StageRunRow(Base):
@@ -378,49 +386,134 @@ def delete_experiment(session: Session, path: Path, name: str) -> bool:
 
 
 def load_experiment_results(store: Store, experiment: Path) -> LoadReport:
-    """Load an experiment's results from disk, replacing whatever the store held for it."""
+    """Load an experiment's results from disk into the store. Only trials whose records, logs
+    or entry changed since the store was filled (TrialRow.source) are read and written again;
+    the others' rows stay. Trials no longer in the experiment are removed."""
     started = time.perf_counter()
     path = Path(experiment).expanduser().resolve()
     config = experiment_config(path)
     name = str(config["name"])
     trials = list(config["trials"])
-    # Read everything from disk first: the transaction then only writes.
-    gathered = [_gather_trial(path, entry) for entry in trials]
-    with_logs = [g for g in gathered if g.log is not None]
-    for trial, scores in zip(with_logs, _read_logs([g.log for g in with_logs]), strict=True):
-        _apply_scores(trial, scores)
-    report = LoadReport(name, path, 0, len(trials))
+    sources = {str(entry["id"]): _source(path, entry) for entry in trials}
     try:
+        with store.session(snapshot=True) as session:
+            stored = _stored_sources(session, path, name)
+        # Read from disk first, outside the transaction: it then mostly writes.
+        gathered = _gather(path, [e for e in trials if stored.get(str(e["id"]))
+                                  != sources[str(e["id"])]])
+        report = LoadReport(name, path, 0, len(trials))
         with store.session() as session:
             _serialize(session, f"load:{path}")
-            delete_experiment(session, path, name)
-            exp = ExperimentRow(path=str(path), name=name, task=config.get("task"),
-                                created=_text(config.get("created")),
-                                loaded_at=datetime.now(UTC))
-            session.add(exp)
-            session.flush()
-            report.experiment_pk = exp.id
-            rows: dict[type[Base], list[dict[str, Any]]] = {t: [] for t in CHILD_TABLES}
-            for position, trial in enumerate(gathered):
-                row = TrialRow(experiment_id=exp.id, position=position, **trial.columns)
-                session.add(row)
-                session.flush()
-                for table, children in trial.children.items():
-                    rows[table].extend({"trial_pk": row.id, **child} for child in children)
-                if trial.missing is None:
-                    report.loaded.append(trial.columns["trial_id"])
-                else:
-                    report.missing.append(trial.missing)
-            for table, children in rows.items():
-                if children:
-                    session.execute(insert(table), children)
-            report.samples = len(rows[SampleRow])
-            report.losses = len(rows[LossRow])
+            _write(session, path, config, trials, sources, gathered, report)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise CruijffError(f"cannot write results to {store.url}: {reason}") from None
     report.duration_s = time.perf_counter() - started
     return report
+
+
+def _stored_sources(session: Session, path: Path, name: str) -> dict[str, str | None]:
+    """Trial id -> the source its rows in the store were read from."""
+    return {trial_id: source for trial_id, source in session.execute(
+        select(TrialRow.trial_id, TrialRow.source).join(
+            ExperimentRow, TrialRow.experiment_id == ExperimentRow.id).where(
+            ExperimentRow.path == str(path), ExperimentRow.name == name))}
+
+
+def _gather(path: Path, entries: list[dict[str, Any]]) -> dict[str, _Gathered]:
+    gathered = {str(entry["id"]): _gather_trial(path, entry) for entry in entries}
+    with_logs = [g for g in gathered.values() if g.log is not None]
+    for trial, scores in zip(with_logs, _read_logs([g.log for g in with_logs]), strict=True):
+        _apply_scores(trial, scores)
+    return gathered
+
+
+def _write(session: Session, path: Path, config: dict[str, Any], trials: list[dict[str, Any]],
+           sources: dict[str, str], gathered: dict[str, _Gathered], report: LoadReport) -> None:
+    """In the load's transaction: the experiment row, then each trial's rows replaced where
+    its source changed (also one another load wrote meanwhile, read now), kept elsewhere."""
+    name = str(config["name"])
+    exp = session.scalar(select(ExperimentRow).where(ExperimentRow.path == str(path),
+                                                     ExperimentRow.name == name))
+    if exp is None:
+        exp = ExperimentRow(path=str(path), name=name)
+        session.add(exp)
+    exp.task, exp.created = config.get("task"), _text(config.get("created"))
+    exp.loaded_at = datetime.now(UTC)
+    session.flush()
+    report.experiment_pk = exp.id
+    kept = {row.trial_id: row for row in session.scalars(
+        select(TrialRow).where(TrialRow.experiment_id == exp.id))}
+    late = [e for e in trials if str(e["id"]) not in gathered
+            and (str(e["id"]) not in kept or kept[str(e["id"])].source != sources[str(e["id"])])]
+    gathered = {**gathered, **_gather(path, late)}
+    stale = [row.id for trial_id, row in kept.items()
+             if trial_id in gathered or trial_id not in sources]
+    for table in CHILD_TABLES:
+        session.execute(delete(table).where(table.trial_pk.in_(stale)))
+    session.execute(delete(TrialRow).where(TrialRow.id.in_(stale)))
+    rows: dict[type[Base], list[dict[str, Any]]] = {t: [] for t in CHILD_TABLES}
+    for position, entry in enumerate(trials):
+        trial_id = str(entry["id"])
+        trial = gathered.get(trial_id)
+        if trial is None:  # unchanged: its rows stay, at its place in the experiment now
+            row = kept[trial_id]
+            row.position = position
+            if row.eval_status == "done":
+                report.loaded.append(trial_id)
+            else:
+                report.missing.append(MissingTrial(trial_id, row.label, row.eval_status,
+                                                   row.eval_detail))
+            continue
+        row = TrialRow(experiment_id=exp.id, position=position, source=sources[trial_id],
+                       **trial.columns)
+        session.add(row)
+        session.flush()
+        for table, children in trial.children.items():
+            rows[table].extend({"trial_pk": row.id, **child} for child in children)
+        if trial.missing is None:
+            report.loaded.append(trial_id)
+        else:
+            report.missing.append(trial.missing)
+    for table, children in rows.items():
+        if children:
+            session.execute(insert(table), children)
+    session.flush()
+    trial_pks = select(TrialRow.id).where(TrialRow.experiment_id == exp.id).scalar_subquery()
+    report.samples, report.losses = (
+        session.scalar(select(func.count()).select_from(table).where(
+            table.trial_pk.in_(trial_pks))) or 0 for table in (SampleRow, LossRow))
+
+
+def _source(path: Path, entry: dict[str, Any]) -> str:
+    """What a trial's rows are read from, as a digest: its entry in the experiment config,
+    and the inode, size and mtime of its stage records, of the first output each names (the
+    eval's log), and of the record and stage config its losses come from (another trial's,
+    for a stage reused from it); with the store's schema and cruijff's version. A stage that
+    runs again writes its record again, so a changed log changes the source. (Editing a done
+    stage's log by hand does not: `rebuild_experiment_results` reads everything again.)"""
+    trial_dir = path / trial_dir_name(str(entry["id"]))
+    files: list[Path] = []
+    for stage in list(entry.get("stages") or DEFAULT_PIPELINE):
+        files.append(record_path(trial_dir, stage))
+        record = read_record(trial_dir, stage)
+        if record is None:
+            continue
+        owner = path / trial_dir_name(record.reused_from) if record.reused_from else trial_dir
+        if record.reused_from:
+            files.append(record_path(owner, stage))
+        if stage in STAGES:
+            files.append(STAGES[stage].config_path(owner))
+        files += [trial_dir / output for output in record.outputs[:1]]
+    stats = []
+    for file in files:
+        try:
+            stat = file.stat()
+            stats.append((str(file), stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            stats.append((str(file), None))
+    return hashlib.sha256(json.dumps([SCHEMA_VERSION, __version__, entry, stats],
+                                     sort_keys=True, default=str).encode()).hexdigest()
 
 
 def rebuild_experiment_results(store: Store, experiment: Path) -> LoadReport:

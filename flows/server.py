@@ -303,9 +303,28 @@ def _ui_url_for(api_url: str) -> str:
 # ensure_api helpers
 
 
+def _may_configure_api() -> bool:
+    """Whether any file Prefect reads its settings from could set an API URL: the profiles
+    file, prefect.toml, pyproject.toml's [tool.prefect], .env (in the working folder). When
+    none does, Prefect's settings need not be imported to learn that none is set (~1 s: a
+    `summary` with no server answering stays fast)."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml")
+    for path, mark in ((profiles.expanduser(), "PREFECT_API_URL"), (Path("prefect.toml"), ""),
+                       (Path("pyproject.toml"), "tool.prefect"), (Path(".env"), "PREFECT_API")):
+        try:
+            if mark in path.read_text(encoding="utf-8", errors="replace"):
+                return True
+        except OSError:  # absent or unreadable: Prefect reads nothing from it either
+            continue
+    return False
+
+
 def _configured_api_url() -> tuple[str, str]:
     """PREFECT_API_URL from Prefect's own settings (active profile, prefect.toml, .env)."""
-    from prefect.settings import Settings  # lazy: prefect is about to run flows anyway
+    if not _may_configure_api():
+        return "", ""
+    from prefect.settings import Settings  # lazy: only when a file may set the URL
 
     settings = Settings()  # read afresh: Prefect's global settings are fixed at its import
     url = (settings.api.url or "").strip()
@@ -348,6 +367,7 @@ def _export_api_url(url: str) -> None:
     # Belt and braces: a process that somehow lost the URL fails loudly instead of starting a
     # temporary server of its own (Prefect's default profile enables that).
     os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's SDK telemetry (cruijff.cli.main)
     # Prefect reads its settings once at import; refresh them if it is already imported.
     if "prefect.context" in sys.modules:
         sys.modules["prefect.context"].refresh_global_settings_context()
