@@ -20,13 +20,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from timing import MIN_REPEATS, alternate, describe, prefect_server
+from timing import MIN_REPEATS, alternate, describe, run_site
 
-REPO = Path(__file__).resolve().parent.parent
 RATIO_GOAL = 1.05
 IMPORT_GOAL_S = 1.0
 """Launch to first stage ≤ 1 s: importing the flow's side alone must fit in it."""
@@ -75,15 +73,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=40, help="eval samples per trial")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, prefect_server(Path(tmp) / "home") as info:
-        site = Path(tmp)
-        threads = max(1, (os.cpu_count() or 1) // args.workers)
-        env = dict(os.environ, CRUIJFF_HOME=str(site / "home"), PREFECT_API_URL=info.url,
-                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads),
-                   HF_DATASETS_CACHE=str(site / "hf"))
-        (site / "config.yaml").write_text(
-            f"tasks_dir: {REPO / 'examples' / 'capitalization' / 'tasks'}\n"
-            f"orchestration: {{workers: {args.workers}, retries: 0}}\n")
+    with run_site(args.workers) as (site, env):
         ranks = json.dumps({"torchtune.model.lora_rank": list(range(1, args.trials + 1))})
         common = ["--config-path", str(site / "config.yaml"), "--task", "capitalization",
                   "--dataset", "words_5L_80_1000.json", "--model", "cruijff/tiny-llama-random",

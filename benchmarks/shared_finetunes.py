@@ -23,11 +23,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from timing import MIN_REPEATS, alternate, describe, prefect_server
+from timing import MIN_REPEATS, alternate, describe, run_site
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -79,16 +78,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20, help="eval samples (smallest)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, prefect_server(Path(tmp) / "home") as info:
-        site = Path(tmp)
-        threads = max(1, (os.cpu_count() or 1) // args.workers)
-        env = dict(os.environ, CRUIJFF_HOME=str(site / "home"), PREFECT_API_URL=info.url,
-                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads),
-                   HF_DATASETS_CACHE=str(site / "hf"))
-        (site / "config.yaml").write_text(
-            f"tasks_dir: {REPO / 'examples' / 'capitalization' / 'tasks'}\n"
-            f"orchestration: {{workers: {args.workers}, retries: 0}}\n"
-            "run_control_trials: false\n")
+    with run_site(args.workers, "run_control_trials: false\n") as (site, env):
         grid = json.dumps({"torchtune.model.lora_rank": [1, 2],
                            "eval.limit": [args.samples + i for i in range(4)]})
         common = ["--config-path", str(site / "config.yaml"), "--task", "capitalization",

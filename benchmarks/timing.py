@@ -4,7 +4,9 @@ alternated from one repeat to the next, reported as median and range."""
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,3 +61,21 @@ def prefect_server(home: Path) -> Iterator[Any]:
         yield ensure_api(home)
     finally:
         stop_server(home)
+
+
+@contextmanager
+def run_site(workers: int, config: str = "") -> Iterator[tuple[Path, dict[str, str]]]:
+    """A temporary site for timing `cruijff run` (its Prefect server, a config.yaml for the
+    example task with `workers`, plus `config`) and the environment both sides run in: each
+    stage's torch gets its share of the cores, nothing reaches the Hugging Face hub."""
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp, prefect_server(Path(tmp) / "home") as info:
+        site = Path(tmp)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        env = dict(os.environ, CRUIJFF_HOME=str(site / "home"), PREFECT_API_URL=info.url,
+                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads),
+                   HF_DATASETS_CACHE=str(site / "hf"))
+        (site / "config.yaml").write_text(
+            f"tasks_dir: {repo / 'examples' / 'capitalization' / 'tasks'}\n"
+            f"orchestration: {{workers: {workers}, retries: 0}}\n{config}")
+        yield site, env
