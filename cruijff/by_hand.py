@@ -35,7 +35,7 @@ from cruijff.runner import (
     stop_on_signals,
     trial_states,
 )
-from cruijff.state import RECORDS, StageRecord, now, read_record
+from cruijff.state import RECORDS, StageRecord, now, read_record, stage_lock_path
 
 
 def find_trial(trial_dir: Path) -> tuple[Experiment, Trial]:
@@ -78,11 +78,6 @@ def _locked(path: Path, shared: bool, refusal: Callable[[str], str]) -> Iterator
                 handle.seek(0)
                 handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def stage_lock_path(trial_dir: Path, stage: str) -> Path:
-    """The lock a stage run by hand holds while it runs."""
-    return trial_dir / RECORDS / f"{file_stem(stage)}.lock"
 
 
 def run_stage(trial_dir: Path, stage: str,

@@ -62,6 +62,7 @@ from cruijff.state import (
     read_record,
     record_path,
     record_problem,
+    runs_by_hand,
     where_now,
     write_record,
 )
@@ -357,8 +358,9 @@ def trial_states(trial: Trial, stages: list[str], *, held: bool) -> dict[str, St
         if record is None:
             state = "blocked" if blocked else "pending"
             detail = record_problem(trial.dir, stage)  # None, or why its record is unreadable
-        elif record.status == "running" and not held:
-            state = "interrupted"  # no run holds the experiment: nothing is running it
+        elif (record.status == "running" and not held
+              and not runs_by_hand(trial.dir, stage)):
+            state = "interrupted"  # neither a run nor a job by hand is running it
         elif record.is_done and (rerun or not key_matches(trial, stage, record.key,
                                                           stage_key(trial, stage))):
             state = "outdated"

@@ -7,6 +7,7 @@ the outputs were verified, so a crash at any moment leaves either the old record
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -183,6 +184,26 @@ def record_path(trial_dir: Path, stage: str) -> Path:
     return trial_dir / RECORDS / f"{file_stem(stage)}.json"
 
 
+def stage_lock_path(trial_dir: Path, stage: str) -> Path:
+    """The lock a stage run by hand (cruijff/by_hand.py) holds while it runs."""
+    return trial_dir / RECORDS / f"{file_stem(stage)}.lock"
+
+
+def runs_by_hand(trial_dir: Path, stage: str) -> bool:
+    """A stage run by hand holds its lock now: its record says 'running' and it is."""
+    path = stage_lock_path(trial_dir, stage)
+    try:
+        with path.open("rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:  # no lock file: never run by hand
+        return False
+    return False
+
+
 def read_record(trial_dir: Path, stage: str) -> StageRecord | None:
     """The stage's record, or None if there is none (or it is unreadable: then it is not done,
     and record_problem says why)."""
@@ -236,22 +257,6 @@ def _validated(data: Any) -> tuple[StageRecord | None, str | None]:
 
 def write_record(trial_dir: Path, record: StageRecord) -> None:
     atomic_write_text(record_path(trial_dir, record.stage), json.dumps(asdict(record), indent=2))
-
-
-_file_hashes: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, cached per (path, size, mtime) within this process."""
-    stat = path.stat()
-    cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if cache_key not in _file_hashes:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _file_hashes[cache_key] = digest.hexdigest()
-    return _file_hashes[cache_key]
 
 
 def digest(material: Any) -> str:

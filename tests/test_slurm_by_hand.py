@@ -127,7 +127,7 @@ def test_a_stage_by_hand_is_refused_while_a_run_holds_the_experiment(two_stages)
     assert read_record(two_stages / "trial-a", SHARED) is None
 
 
-def test_while_a_stage_runs_by_hand_neither_it_nor_a_run_starts_again(doubles, tmp_path):
+def test_while_a_stage_runs_by_hand_neither_it_nor_a_run_starts_again(doubles, tmp_path, cli):
     gate = tmp_path / "gate"
     exp = doubles([TOUCH], [{f"{TOUCH}.wait_for": str(gate)}, {f"{TOUCH}.index": 2}])
     script = exp / "trial-a" / f"{TOUCH}.slurm"
@@ -136,6 +136,8 @@ def test_while_a_stage_runs_by_hand_neither_it_nor_a_run_starts_again(doubles, t
     try:
         wait_for(lambda: (r := read_record(exp / "trial-a", TOUCH)) and r.status == "running",
                  60, "the stage run by hand to start")
+        # summary sees the job by hand at work (its stage lock), not an interrupted record
+        assert summary_states(cli, exp)["a"] == {TOUCH: "running"}
         second = by_hand(script)
         assert second.returncode == 2 and "already running by hand" in second.stderr
         other_trial = by_hand(exp / "trial-b" / f"{TOUCH}.slurm")  # another stage: runs
