@@ -19,6 +19,9 @@ def quiet_console() -> None:
     os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
 
 
+STAGE_LOG = "cruijff_stage_log"
+"""The attribute that marks a log record as a line of a stage's own log (flows/stage_logs.py)."""
+
 _NOISY_WITHOUT_SERVER = ("prefect.events.clients", "EventsWorker", "APILogWorker")
 """Without its server, Prefect's event client warns about every reconnect and its queue
 services (loggers named by class) that items are still waiting at exit."""
@@ -27,7 +30,8 @@ services (loggers named by class) that items are still waiting at exit."""
 def without_cruijff_errors() -> None:
     """Prefect logs an exception that ends a flow with its traceback; for a CruijffError (e.g.
     no Slurm job can be submitted) the CLI prints the one line itself, so Prefect's console
-    handlers drop it."""
+    handlers drop it, and the lines of a stage's own log shown in its task run
+    (flows/stage_logs.py: for the UI; the CLI summarizes a failure itself)."""
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", *_NOISY_WITHOUT_SERVER):
         for handler in logging.getLogger(name).handlers:  # "": the root
             if isinstance(handler, logging.StreamHandler) and _not_cruijff_error not in \
@@ -37,7 +41,10 @@ def without_cruijff_errors() -> None:
 
 
 def _not_cruijff_error(record: logging.LogRecord) -> bool:
-    """Drop errors the CLI reports itself: cruijff's, and a lost Prefect server."""
+    """Drop errors the CLI reports itself: cruijff's, a lost Prefect server, and a stage log's
+    lines."""
+    if getattr(record, STAGE_LOG, False):
+        return False
     if record.name.startswith(_NOISY_WITHOUT_SERVER) and record.levelno < logging.CRITICAL:
         return False
     if not record.exc_info or record.exc_info[1] is None:
