@@ -2,7 +2,8 @@
 attempts named and tagged, and the run's results as artifacts of the experiment's flow run.
 
 One small experiment through a real Prefect server: `testing_touch` (trial a's fails once,
-trial b's always) before a real Inspect eval of the tiny random model on two samples."""
+trial b's always) before a real Inspect eval of the tiny random model on two samples. The
+Prefect UI itself is looked at in headless Chromium (see browser_support.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from browser_support import chromium, run_chromium
 from conftest import cruijff, make_site
 
 from cruijff.log_tail import excerpt
@@ -179,6 +181,47 @@ def test_the_flow_run_has_a_results_table_and_a_report_note(ran, prefect_env):
     assert note.type == "markdown" and note.flow_run_id == table.flow_run_id
     assert "1 of 2 trials done" in note.data
     assert f"cruijff analyze {ran}" in note.data and "No report yet" in note.data
+
+
+def ui_page(url: str, folder: Path, name: str) -> str:
+    """The Prefect UI page at `url` as a browser shows it: its text once the page has
+    fetched and drawn its data (the DOM after a 20 s virtual-time budget, which waits for the
+    page's requests), and a screenshot `folder/<name>.png` that must not be blank."""
+    from PIL import Image
+
+    binary = chromium()
+    budget = ("--virtual-time-budget=20000", "--run-all-compositor-stages-before-draw")
+    dom = run_chromium(binary, folder / f"profile-{name}", *budget, "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    shot = folder / f"{name}.png"
+    run_chromium(binary, folder / f"profile-{name}-shot", *budget, f"--screenshot={shot}",
+                 "--window-size=1400,1000", "--hide-scrollbars", url)
+    grey = Image.open(shot).convert("L").histogram()
+    assert sum(grey[:235]) / sum(grey) > 0.01, f"{shot} is blank"
+    return re.sub(r"<[^>]+>", " ", dom.stdout)
+
+
+@pytest.mark.slow
+def test_the_prefect_ui_shows_an_attempt_its_log_and_the_results(ran, prefect_env, tmp_path):
+    """What a Prefect user opens: a failed attempt's task run page (its name, tags and log
+    lines) and the experiment's results table artifact."""
+    api = prefect_env["PREFECT_API_URL"]
+    ui = api.removesuffix("/api")
+    tasks, _ = stage_runs(api)
+    attempt = tasks[f"trial-b/{TOUCH} attempt 2"]
+    page = ui_page(f"{ui}/runs/task-run/{attempt.id}", tmp_path, "task-run")
+    assert f"trial-b/{TOUCH} attempt 2" in page
+    assert "attempt:2" in page and "trial:b" in page
+    assert f"{TOUCH}: failing on purpose with exit code 3" in page
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read(client):
+        return await client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["cruijff-seen-in-prefect"])))
+
+    artifact = asyncio.run(_read(api, read))[0]
+    table = ui_page(f"{ui}/artifacts/artifact/{artifact.id}", tmp_path, "results")
+    assert f"failed ({TOUCH})" in table and "95% CI" in table
 
 
 @pytest.mark.slow
