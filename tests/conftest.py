@@ -227,6 +227,13 @@ def prefect_env(tmp_path_factory):
     stop_server(home)
 
 
+def says_no_gpu(text: str) -> bool:
+    """The error torch gives a stage that asks for a GPU (e.g. device=cuda:7) on a machine
+    without one: its CPU build names CUDA; its CUDA build (PyPI's on Linux, which the
+    Python 3.12 leg of CI installs) asks for an NVIDIA GPU and driver."""
+    return "CUDA" in text or "NVIDIA" in text
+
+
 def cruijff(*args: object, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     """The real `cruijff` command, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "cruijff", *map(str, args)], env=env,

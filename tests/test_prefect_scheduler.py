@@ -43,7 +43,7 @@ def test_waiting_trials_leave_the_workers_to_a_runnable_one(project, prefect_env
         deadline = time.monotonic() + 300
         while (r := read_record(exp / "trial-f", TOUCH)) is None or r.status != "done":
             assert run.poll() is None, run.stdout.read() if run.stdout else ""
-            assert time.monotonic() < deadline, "trial f never finished before the shared stage was released"
+            assert time.monotonic() < deadline, "f never finished before the release"
             time.sleep(0.2)
         # f is done before the release, so it did not wait for the shared stage. That stage's
         # owner (whichever of a-e claimed it first) may still be on its way to its worker
