@@ -214,8 +214,8 @@ def run_with_retries(trial: Trial, stage: str, key: str, submit: Submit, retries
     while attempt <= retries:
         before = _run_id(trial, stage)
         done = submit(trial, stage, key, attempt + 1, grown)
-        if stop.is_set():
-            return False
+        if stop.is_set():  # an attempt that finished before the stop counts: no rerun
+            return done
         if _run_id(trial, stage) == before and not done and unstarted < UNSTARTED_RESUBMITS:
             unstarted += 1
             continue

@@ -164,9 +164,9 @@ def _attempt(experiment: str, trial_id: str, stage: str, key: str, threads: int,
     wait_for_stage(future, experiment, stop=STOP)  # raises if no Slurm job can be submitted
     if STOP.is_set():
         # A local stage was just stopped and records that; a Slurm stage ends with its
-        # worker job, which closing the run's clusters cancels.
+        # worker job, which closing the run's clusters cancels. One that finished as the
+        # user stopped the run is done (its trial's subflow completes).
         future.wait(timeout=STOP_GRACE_S + 5)
-        return False
     return future.state.is_completed()
 
 

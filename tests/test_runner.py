@@ -238,6 +238,36 @@ def test_a_stage_its_dying_worker_recorded_failed_after_a_stop_is_interrupted(ma
     assert read_record(exp / "trial-a", SHARED) is None
 
 
+def test_a_stage_that_finished_as_the_user_stopped_is_done_and_its_trial_completes(make):
+    """The stop can land between a stage's end and the orchestrator hearing of it (CI saw
+    a Prefect subflow cancelled whose only stage was done): a finished attempt counts, and
+    no later stage starts."""
+    from cruijff.pipeline import hold, run_trial, trial_ending
+    from cruijff.runner import execute_stage
+
+    exp = make([TOUCH, SHARED], [{f"{TOUCH}.index": 1}])
+    plan = RunPlan.make(exp)
+    calls = []
+
+    def submit(trial, stage, key, attempt, grown=None):
+        calls.append(stage)
+        done = execute_stage(trial, stage, key).is_done
+        request_stop("test")  # Ctrl-C as the stage's result travels back
+        return done
+
+    try:
+        with hold(plan) as sharing:
+            trial = plan.experiment.trial("a")
+            outcome = run_trial(plan.experiment, trial, [TOUCH, SHARED], submit,
+                                sharing=sharing, retries=1)
+    finally:
+        STOP.clear()
+    assert (outcome, calls) == ({TOUCH: "done"}, [TOUCH]), "a stage started after the stop"
+    assert trial_ending(outcome, [TOUCH]) == "completed"  # its subflow completes
+    assert read_record(exp / "trial-a", SHARED) is None
+    assert read_record(exp / "trial-a", TOUCH).status == "done"
+
+
 @pytest.mark.parametrize(("outcome", "stopped", "ending"), [
     ({TOUCH: "done", SHARED: "reused"}, True, "completed"),  # stopped after it finished
     ({TOUCH: "skipped", SHARED: "done"}, False, "completed"),
