@@ -62,6 +62,17 @@ def test_summary_with_an_unreachable_url_does_not_import_prefect(tmp_path, built
     assert seen["modules"] == []
 
 
+def test_summary_reads_a_running_server_without_importing_prefect(tmp_path, built,
+                                                                   prefect_env):
+    """Prefect's flow-run states come over its REST API: the ~2 s import of Prefect was most
+    of a 1,000-trial summary's time (issue 17)."""
+    proc, seen = probe(tmp_path, "summary", "--json", built,
+                       env={"PREFECT_API_URL": prefect_env["PREFECT_API_URL"]})
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["notices"] == []  # the server answered
+    assert seen["modules"] == []
+
+
 def test_cruijff_turns_prefect_telemetry_off_and_keeps_a_choice_made(tmp_path):
     _, seen = probe(tmp_path, "version")
     assert seen["do_not_track"] == "1"

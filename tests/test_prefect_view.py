@@ -38,3 +38,43 @@ def test_every_trial_has_its_state_beyond_one_page(prefect_env, monkeypatch):
     assert states[names[0]] == "Completed" and states[names[44]] == "Failed"
     wanted = {names[3], names[40]}
     assert status.flow_run_states(api, "pages", wanted) == {n: "Failed" for n in wanted}
+
+
+def test_a_server_that_asks_for_credentials_gets_prefects_auth_string(monkeypatch):
+    """A self-hosted server with PREFECT_SERVER_API_AUTH_STRING answers 401 until the client
+    sends Basic credentials: summary sends the ones Prefect's client would (a stub HTTP server
+    stands in for that server's check; the real server's paging is tested above)."""
+    import base64
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Guarded(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            good = "Basic " + base64.b64encode(b"admin:pass").decode()
+            ok = self.headers.get("Authorization") == good
+            answer = json.dumps([{"name": "e/trial-a", "state_name": "Completed"}] if ok
+                                else {"detail": "Unauthorized"}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:pass")
+    try:
+        api = f"http://127.0.0.1:{server.server_address[1]}/api"
+        assert status.flow_run_states(api, "e") == {"e/trial-a": "Completed"}
+    finally:
+        server.shutdown()
+    assert [(path, auth is not None) for path, auth, _ in seen] == [
+        ("/api/flow_runs/filter", False), ("/api/flow_runs/filter", True)]
+    assert seen[-1][2]["flow_runs"]["tags"] == {"all_": ["exp:e"]}
