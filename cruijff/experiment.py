@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,6 +39,7 @@ from cruijff.models import (
     model_key,
     parameter_count,
 )
+from cruijff.parse_cache import PARSED_CONFIGS, BuiltFiles
 from cruijff.plan import Plan, TrialSpec
 from cruijff.registry import STAGES, file_stem
 from cruijff.settings import (
@@ -101,13 +102,15 @@ def trial_dir_name(trial_id: str) -> str:
     return f"trial-{trial_id}"
 
 
-def experiment_config(path: Path) -> dict[str, Any]:
-    """The resolved config.yaml of an experiment folder written by `cruijff build`."""
+def experiment_config(path: Path, read: Callable[[Path, str], dict[str, Any]] = load_yaml_mapping
+                      ) -> dict[str, Any]:
+    """The resolved config.yaml of an experiment folder written by `cruijff build` (`read`:
+    how a YAML mapping is read, e.g. through a cache)."""
     config_file = path / "config.yaml"
     if not config_file.is_file():
         raise CruijffError(f"{path} is not a cruijff experiment (no config.yaml): "
                            "build one with `cruijff build`")
-    data = load_yaml_mapping(config_file, "experiment config")
+    data = read(config_file, "experiment config")
     if "trials" not in data or "name" not in data:
         raise CruijffError(f"{config_file} is not an experiment config written by cruijff build")
     return data
@@ -231,7 +234,7 @@ def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, p
     """The experiment's files (relative path -> text), rendered for the folder `dest`, with
     each model's folder from `model_paths`."""
     name = dest.name
-    files: dict[str, str] = {}
+    files = BuiltFiles()
     stages: dict[str, list[str]] = {}
     profiles: dict[str, dict[str, ResourceProfile]] = {}
     sizes: dict[str, dict[str, dict[str, float]]] = {}
@@ -243,7 +246,7 @@ def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, p
             files, trial, config, task, dest, name, model_paths[trial.model],
             parameters[trial.model], splits, warnings)
         stages[trial.id] = list(profiles[trial.id])
-    files["config.yaml"] = dump_yaml({
+    files.add_mapping("config.yaml", {
         "name": name,
         "task": task.name,
         "created": datetime.now().isoformat(timespec="seconds"),
@@ -254,11 +257,12 @@ def _render(request: BuildRequest, config: ExperimentConfig, task: TaskModule, p
         "notices": plan.notices,
         "trials": [{**t.to_dict(), "label": t.label, "stages": stages[t.id]} for t in plan.trials],
     })
+    files[f"{RECORDS}/{PARSED_CONFIGS}"] = files.cache_text()
     return Built(name, dest, plan, config, stages, profiles=profiles, sizes=sizes,
                  warnings=warnings, splits=splits), files
 
 
-def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentConfig,
+def _render_trial(files: BuiltFiles, trial: TrialSpec, config: ExperimentConfig,
                   task: TaskModule, dest: Path, name: str, model_path: Path,
                   parameters: int | None,
                   splits: dict[str, dict[str, dict[str, str | None]]], warnings: list[str],
@@ -288,7 +292,7 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
     worker = config.worker_profile(key, list(profiles))
     sizes: dict[str, dict[str, float]] = {}
     commands = {}
-    resolved_all = {stage.name: stage.resolve(ctx) for stage in enabled}
+    resolved_all = {stage.name: ctx.resolve(stage) for stage in enabled}
     reads = splits[trial.id] = check_trial(
         trial.id, trial.dataset, ctx.data_path,
         {stage: r.data for stage, r in resolved_all.items()}, warnings)
@@ -315,7 +319,7 @@ def _render_trial(files: dict[str, str], trial: TrialSpec, config: ExperimentCon
             prologue=config.slurm.prologue,
             stage_command=command,
         )
-    files[f"{folder}/config.yaml"] = dump_yaml({
+    files.add_mapping(f"{folder}/config.yaml", {
         **trial.to_dict(),
         "label": trial.label,
         "experiment": name,

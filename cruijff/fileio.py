@@ -207,7 +207,7 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[mi
         return tag
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str) -> str:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -251,12 +251,14 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def load_yaml(path: Path, what: str = "YAML file") -> Any:
-    return parse_yaml(_read_text(path, what), str(path))
+    return parse_yaml(read_text(path, what), str(path))
 
 
-def load_yaml_mapping(path: Path, what: str = "YAML file") -> dict[str, Any]:
-    """Load a YAML file that must hold a mapping (an empty file is an empty mapping)."""
-    data = load_yaml(path, what)
+def load_yaml_mapping(path: Path, what: str = "YAML file", text: str | None = None
+                      ) -> dict[str, Any]:
+    """Load a YAML file that must hold a mapping (an empty file is an empty mapping);
+    `text`: the file's text, already read."""
+    data = load_yaml(path, what) if text is None else parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -290,7 +292,7 @@ def parse_json(text: str, source: str) -> Any:
 
 
 def load_json(path: Path, what: str = "JSON file") -> Any:
-    return parse_json(_read_text(path, what), str(path))
+    return parse_json(read_text(path, what), str(path))
 
 
 def type_name(value: Any) -> str:

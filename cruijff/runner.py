@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import re
@@ -36,13 +35,19 @@ from cruijff.containment import check_contained, check_output_paths
 from cruijff.errors import CruijffError
 from cruijff.experiment import ARCHIVE, experiment_config, trial_dir_name
 from cruijff.fileio import (
-    atomic_write_text,
     dump_yaml,
     load_yaml_mapping,
     lock_within,
     parse_yaml,
 )
 from cruijff.models import file_digest, model_fingerprint
+from cruijff.parse_cache import (
+    PARSED_CONFIGS,
+    ParsedMappings,
+    read_cache,
+    text_sha,
+    write_cache,
+)
 from cruijff.registry import STAGES, file_stem
 from cruijff.sacct import step_name, step_prefix
 from cruijff.settings import OrchestrationConfig
@@ -124,12 +129,13 @@ def load_experiment(path: Path) -> Experiment:
             check_contained(path, [t.dir for t in experiment.trials])
             return experiment
     signature = [_stat(path / "config.yaml")]  # each taken before its read: a change re-parses
-    data = experiment_config(path)
+    parsed = ParsedMappings(path / RECORDS / PARSED_CONFIGS)
+    data = experiment_config(path, parsed.mapping)
     trials = []
     for entry in data["trials"]:
         folder = path / trial_dir_name(entry["id"])
         signature.append(_stat(folder / "config.yaml"))
-        trial = load_yaml_mapping(folder / "config.yaml", f"trial {entry['id']} config")
+        trial = parsed.mapping(folder / "config.yaml", f"trial {entry['id']} config")
         trials.append(Trial(
             id=entry["id"], dir=folder, stages=list(trial["stages"]),
             model=trial["model"], dataset=trial["dataset"],
@@ -252,8 +258,7 @@ class ConfigData:
     """A config's text as its data: dump_yaml(parse_yaml(text)). Parsing a commented
     finetune.yaml takes milliseconds, so `summary` of 1,000 trials would spend seconds on it:
     the result is kept by the text's sha256, in this process and in the trial's
-    .cruijff/config-data.json (what a text parses to does not change; the file names the
-    cruijff and PyYAML versions that wrote it, and is ignored under others)."""
+    .cruijff/config-data.json (cruijff/parse_cache.py)."""
 
     FILE = "config-data.json"
 
@@ -262,18 +267,14 @@ class ConfigData:
         self._read: set[str] = set()  # trial folders whose file is read
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _tag() -> str:
-        import yaml
-
-        from cruijff import __version__
-
-        return f"cruijff {__version__}, PyYAML {yaml.__version__}"
-
     def text(self, trial_dir: Path, path: Path) -> str:
         raw = path.read_text(encoding="utf-8")
-        sha = hashlib.sha256(raw.encode()).hexdigest()
-        self._load(trial_dir)
+        sha = text_sha(raw)
+        if str(trial_dir) not in self._read:
+            stored = read_cache(trial_dir / RECORDS / self.FILE)
+            with self._lock:
+                self._known.update(stored)
+                self._read.add(str(trial_dir))
         if sha in self._known:
             known = self._known[sha]
             return raw if known is None else known
@@ -286,32 +287,12 @@ class ConfigData:
             self._save(trial_dir, sha)
         return data
 
-    def _load(self, trial_dir: Path) -> None:
-        if str(trial_dir) in self._read:
-            return
-        try:
-            stored = json.loads((trial_dir / RECORDS / self.FILE).read_text(encoding="utf-8"))
-            if stored.get("written_by") == self._tag():
-                with self._lock:
-                    self._known.update(stored["texts"])
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            pass  # absent or unreadable: computed again
-        self._read.add(str(trial_dir))
-
     def _save(self, trial_dir: Path, sha: str) -> None:
-        """Add one entry to the trial's file; a lost race or a read-only folder costs only a
-        parse next time."""
+        """Add one entry to the trial's file (as another process may have left it)."""
         file = trial_dir / RECORDS / self.FILE
-        try:
-            stored = json.loads(file.read_text(encoding="utf-8"))
-            texts = stored["texts"] if stored.get("written_by") == self._tag() else {}
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            texts = {}
-        texts = {k: v for k, v in texts.items() if isinstance(k, str)}
+        texts = {k: v for k, v in read_cache(file).items() if isinstance(k, str)}
         texts[sha] = self._known[sha]
-        with contextlib.suppress(OSError):
-            file.parent.mkdir(exist_ok=True)
-            atomic_write_text(file, json.dumps({"written_by": self._tag(), "texts": texts}))
+        write_cache(file, texts)
 
 
 CONFIG_DATA = ConfigData()

@@ -137,6 +137,57 @@ def test_parsed_configs_are_kept_by_their_text(built, monkeypatch):
     assert stage_key(trial, "finetune") not in (key, None)
 
 
+def test_the_build_keeps_its_configs_parsed_and_an_edit_is_read(built, monkeypatch):
+    """The build keeps the data of the experiment's and its trials' config.yaml by their text's
+    hash (.cruijff/parsed-configs.json): each entry is what its file parses to, a command
+    parses none of them again, an edited one is parsed (only it), a cache file damaged or
+    written by other versions is not believed, and no command writes it."""
+    from cruijff import parse_cache
+    from cruijff.fileio import load_yaml_mapping, parse_yaml
+    from cruijff.parse_cache import PARSED_CONFIGS, text_sha
+    from cruijff.state import RECORDS
+
+    cache = built / RECORDS / PARSED_CONFIGS
+    entries = json.loads(cache.read_text())["texts"]
+    files = [built / "config.yaml", *built.glob("trial-*/config.yaml")]
+    assert {text_sha(f.read_text()): load_yaml_mapping(f) for f in files} == entries
+    assert all(parse_yaml(f.read_text(), str(f)) == entries[text_sha(f.read_text())]
+               for f in files)
+
+    real = parse_cache.load_yaml_mapping
+    parsed: list[str] = []
+
+    def counting(path, what, text=None):
+        parsed.append(path.parent.name)
+        return real(path, what, text=text)
+
+    def new_process() -> None:
+        monkeypatch.setattr(cruijff.runner, "_LOADED", {})
+
+    monkeypatch.setattr(parse_cache, "load_yaml_mapping", counting)
+    new_process()
+    first = load_experiment(built)
+    assert parsed == [] and len(first.trials) == len(files) - 1
+
+    config = built / "trial-a" / "config.yaml"
+    config.write_text(config.read_text().replace(f"label: {first.trial('a').label}",
+                                                 "label: edited", 1))
+    new_process()
+    assert load_experiment(built).trial("a").label == "edited" and parsed == ["trial-a"]
+
+    wrong = {sha: {**data, "label": "from the cache"} for sha, data in entries.items()}
+    label = first.trial("a").label
+    config.write_text(config.read_text().replace("label: edited", f"label: {label}"))
+    tag = json.loads(cache.read_text())["written_by"]
+    for written_by, text, seen in ((tag, None, "from the cache"),  # (what a hit reads)
+                                   ("cruijff 0.0.0, PyYAML 1.0", None, label),
+                                   (None, "{not json", label)):
+        cache.write_text(text or json.dumps({"written_by": written_by, "texts": wrong}))
+        new_process()
+        assert load_experiment(built).trial("a").label == seen
+    assert cache.read_text() == "{not json"  # loading never writes it
+
+
 def plain_dump(data: object, **options: object) -> str:
     class Plain(yaml.CSafeDumper):
         def ignore_aliases(self, data: object) -> bool:

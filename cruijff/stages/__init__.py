@@ -37,6 +37,14 @@ class TrialContext:
     model_path: Path
     data_path: Path
     family: Family | None
+    _resolved: dict[str, StageConfig] = field(default_factory=dict, compare=False, repr=False)
+
+    def resolve(self, stage: Stage) -> StageConfig:
+        """`stage`'s config for this trial, resolved once: another stage may read it (eval
+        reads the fine-tune's tokenizer), and a 1,000-trial build resolved each twice."""
+        if stage.name not in self._resolved:
+            self._resolved[stage.name] = stage.resolve(self)
+        return self._resolved[stage.name]
 
 
 class StageFailed(Exception):

@@ -105,7 +105,7 @@ def _task_arg_settings(ctx: TrialContext) -> list[tuple[str, Any]]:
 def check_prompt_format(ctx: TrialContext, model_args: dict[str, Any]) -> None:
     """The eval asks the fine-tuned model in the format it was trained in: known at once for
     a family's own pairing, compared token by token otherwise (cruijff/prompt_format.py)."""
-    tokenizer = FinetuneStage().resolve(ctx).data.get("tokenizer", {})
+    tokenizer = ctx.resolve(FinetuneStage()).data.get("tokenizer", {})
     family = ctx.family
     if family is not None and prompt_format.known_pair(tokenizer, model_args, family.tokenizer,
                                                        family.eval_model_args):
