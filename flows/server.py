@@ -154,7 +154,7 @@ def ensure_api(home: Path, *, database_url: str | None = None) -> ServerInfo:
             )
     else:
         info = start_server(home, database_url=database_url)
-    _export_api_url(info.url)
+    _export_api_url(info.url, managed=info.managed)
     return info
 
 
@@ -213,7 +213,8 @@ def _check_same(
 def _spawn(svc: Service, *, host: str, port: int, database: str, timeout: float) -> ServerInfo:
     ui_url = f"http://{service.url_host(host)}:{port}"
     url = f"{ui_url}/api"
-    argv = [*_prefect_command(), "server", "start", "--host", host, "--port", str(port)]
+    # `prefect server start` in the foreground, plus a quick retry of writes SQLite refused
+    argv = [sys.executable, "-m", "cruijff.flows.prefect_server", host, str(port)]
     pid, log_offset = svc.spawn(
         argv,
         env=_server_env(svc.directory, host, port, database),
@@ -245,13 +246,6 @@ def _spawn(svc: Service, *, host: str, port: int, database: str, timeout: float)
     raise CruijffError(
         f"the Prefect server {why}: {last or '(no output)'} (log: {svc.log_file})"
     )
-
-
-def _prefect_command() -> list[str]:
-    exe = Path(sys.executable).parent / "prefect"
-    if exe.is_file() and os.access(exe, os.X_OK):
-        return [str(exe)]
-    return [sys.executable, "-m", "prefect"]
 
 
 def _server_env(sdir: Path, host: str, port: int, database: str) -> dict[str, str]:
@@ -360,7 +354,7 @@ def _check_external(url: str, source: str) -> None:
         )
 
 
-def _export_api_url(url: str) -> None:
+def _export_api_url(url: str, *, managed: bool) -> None:
     global _EXPORTED
     _EXPORTED = url
     os.environ["PREFECT_API_URL"] = url
@@ -368,6 +362,8 @@ def _export_api_url(url: str) -> None:
     # temporary server of its own (Prefect's default profile enables that).
     os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
     os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's SDK telemetry (cruijff.cli.main)
+    if managed:  # it has no CSRF protection: each new client would ask for a token first
+        os.environ.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
     # Prefect reads its settings once at import; refresh them if it is already imported.
     if "prefect.context" in sys.modules:
         sys.modules["prefect.context"].refresh_global_settings_context()
