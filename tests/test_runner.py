@@ -209,21 +209,13 @@ def test_a_stage_that_started_and_failed_uses_its_retries(make):
     assert calls == [1, 2]
 
 
-def test_a_stage_its_dying_worker_recorded_failed_after_a_stop_is_interrupted(make):
-    """On Slurm, cancelling a stopped run's jobs signals the stage too, and its worker may
-    write 'failed' before it dies: once the workers are gone the run records 'interrupted'."""
+def run_trial_a_stopped(make, submit) -> tuple[Path, dict[str, str]]:
+    """Trial a of a new two-stage experiment through `submit` (which stops the run), held
+    as a run holds it; the experiment and the trial's outcome."""
     from cruijff.pipeline import hold, run_trial
-    from cruijff.state import StageRecord, now, write_record
 
     exp = make([TOUCH, SHARED], [{f"{TOUCH}.index": 1}])
     plan = RunPlan.make(exp)
-
-    def submit(trial, stage, key, attempt, grown=None):
-        request_stop("test")  # Ctrl-C while the stage ran in its worker job
-        write_record(trial.dir, StageRecord(stage, key, "failed", finished=now(),
-                                            error="exit code -15"))
-        return False
-
     try:
         with hold(plan) as sharing:
             trial = plan.experiment.trial("a")
@@ -231,6 +223,21 @@ def test_a_stage_its_dying_worker_recorded_failed_after_a_stop_is_interrupted(ma
                                 sharing=sharing, retries=1)
     finally:
         STOP.clear()
+    return exp, outcome
+
+
+def test_a_stage_its_dying_worker_recorded_failed_after_a_stop_is_interrupted(make):
+    """On Slurm, cancelling a stopped run's jobs signals the stage too, and its worker may
+    write 'failed' before it dies: once the workers are gone the run records 'interrupted'."""
+    from cruijff.state import StageRecord, now, write_record
+
+    def submit(trial, stage, key, attempt, grown=None):
+        request_stop("test")  # Ctrl-C while the stage ran in its worker job
+        write_record(trial.dir, StageRecord(stage, key, "failed", finished=now(),
+                                            error="exit code -15"))
+        return False
+
+    exp, outcome = run_trial_a_stopped(make, submit)
     assert outcome == {TOUCH: "failed"}
     record = read_record(exp / "trial-a", TOUCH)
     assert (record.status, record.error) == ("interrupted",
@@ -242,11 +249,9 @@ def test_a_stage_that_finished_as_the_user_stopped_is_done_and_its_trial_complet
     """The stop can land between a stage's end and the orchestrator hearing of it (CI saw
     a Prefect subflow cancelled whose only stage was done): a finished attempt counts, and
     no later stage starts."""
-    from cruijff.pipeline import hold, run_trial, trial_ending
+    from cruijff.pipeline import trial_ending
     from cruijff.runner import execute_stage
 
-    exp = make([TOUCH, SHARED], [{f"{TOUCH}.index": 1}])
-    plan = RunPlan.make(exp)
     calls = []
 
     def submit(trial, stage, key, attempt, grown=None):
@@ -255,13 +260,7 @@ def test_a_stage_that_finished_as_the_user_stopped_is_done_and_its_trial_complet
         request_stop("test")  # Ctrl-C as the stage's result travels back
         return done
 
-    try:
-        with hold(plan) as sharing:
-            trial = plan.experiment.trial("a")
-            outcome = run_trial(plan.experiment, trial, [TOUCH, SHARED], submit,
-                                sharing=sharing, retries=1)
-    finally:
-        STOP.clear()
+    exp, outcome = run_trial_a_stopped(make, submit)
     assert (outcome, calls) == ({TOUCH: "done"}, [TOUCH]), "a stage started after the stop"
     assert trial_ending(outcome, [TOUCH]) == "completed"  # its subflow completes
     assert read_record(exp / "trial-a", SHARED) is None
