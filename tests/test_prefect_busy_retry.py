@@ -1,7 +1,7 @@
 """The managed Prefect server runs a write SQLite refused ("database is locked", answered 503)
 again at once instead of letting Prefect's client wait 2 s (flows/prefect_server.RetryBusy).
 An ASGI app stands in for Prefect's here (answering 503 and raising, as Starlette does after
-its error handler); every test with a managed Prefect server runs behind it.
+its error handler); every test with a managed Prefect server runs behind it."""
 
 from __future__ import annotations
 
