@@ -35,8 +35,8 @@ def read_cache(file: Path) -> dict[str, Any]:
         stored = json.loads(file.read_text(encoding="utf-8"))
         if stored.get("written_by") == _tag() and isinstance(stored["texts"], dict):
             return stored["texts"]  # type: ignore[no-any-return]
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        pass
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
+        pass  # a damaged (or hostile, nested too deep) file is not believed
     return {}
 
 
