@@ -8,8 +8,10 @@ Builds one tiny experiment per side and repeat, and runs it
   (b) with `cruijff run` (Prefect flow, subflow per trial, tasks on a Dask LocalCluster),
 the two alternating in order from one repeat to the next, and prints median and range of
 each, the ratio of (b) to (a), and the import of the run's Prefect/Dask side, each against
-its goal (issue 17). The Prefect server is started before timing, in the benchmark's own
-home, and stopped at the end (also on Ctrl-C or an error).
+its goal (issue 17), and where cruijff's extra time goes: from each run's stage records (to the
+millisecond), launch → first stage, the idle gap between a stage's end and the next stage's
+start (hand-off), and last stage → exit (tail). The Prefect server is started before timing,
+in the benchmark's own home, and stopped at the end (also on Ctrl-C, SIGTERM or an error).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 from timing import MIN_REPEATS, alternate, describe, run_site
@@ -28,6 +32,9 @@ from timing import MIN_REPEATS, alternate, describe, run_site
 RATIO_GOAL = 1.05
 IMPORT_GOAL_S = 1.0
 """Launch to first stage ≤ 1 s: importing the flow's side alone must fit in it."""
+FIRST_STAGE_GOAL_S = 1.0
+HAND_OFF_GOAL_S = 0.2
+TAIL_GOAL_S = 0.5
 
 
 def cruijff(*args: str, env: dict) -> None:
@@ -51,6 +58,27 @@ def raw_pipeline(trial: Path, env: dict) -> None:
         final = trial / "checkpoints" / "final"
         if stage == "finetune" and not final.exists():
             final.symlink_to("epoch_0")
+
+
+def phases(experiment: Path, launched: float, exited: float, workers: int
+           ) -> tuple[float, list[float], float]:
+    """(launch → first stage, every hand-off gap, last stage → exit) of one run, in seconds,
+    from its stage records. A hand-off gap: a stage's start minus the latest stage end before
+    it, for every start after the first `workers` (each of those waited for a free worker)."""
+    from cruijff.state import read_record
+
+    spans = []
+    for trial in experiment.glob("trial-*"):
+        for stage in ("finetune", "eval"):
+            record = read_record(trial, stage)
+            if record is not None and record.finished and record.status == "done":
+                spans.append((datetime.fromisoformat(record.started).timestamp(),
+                              datetime.fromisoformat(record.finished).timestamp()))
+    starts = sorted(start for start, _ in spans)
+    ends = sorted(end for _, end in spans)
+    gaps = [start - max(end for end in ends if end <= start) for start in starts[workers:]
+            if any(end <= start for end in ends)]
+    return starts[0] - launched, gaps, exited - ends[-1]
 
 
 def import_seconds(module: str, env: dict, repeats: int) -> list[float]:
@@ -91,9 +119,13 @@ def main() -> None:
             with ThreadPoolExecutor(args.workers) as pool:
                 list(pool.map(lambda t: raw_pipeline(t, env), trials))
 
+        breakdown: list[tuple[float, list[float], float]] = []
+
         def orchestrated() -> None:
-            cruijff("run", "-q", "--workers", str(args.workers), str(built["cruijff"].pop(0)),
-                    env=env)
+            experiment = built["cruijff"].pop(0)
+            launched = time.time()
+            cruijff("run", "-q", "--workers", str(args.workers), str(experiment), env=env)
+            breakdown.append(phases(experiment, launched, time.time(), args.workers))
 
         times = alternate({"raw": raw, "cruijff": orchestrated}, args.repeats)
         imports = import_seconds("cruijff.flows.experiment", env, args.repeats)
@@ -109,6 +141,16 @@ def main() -> None:
     print(f"cruijff / raw, pairwise:       median {ratio:.2f}× (range {min(ratios):.2f}-"
           f"{max(ratios):.2f}); goal ≤ {RATIO_GOAL}×: "
           f"{'met' if ratio <= RATIO_GOAL else 'MISSED'}")
+    first, gaps, tails = zip(*breakdown, strict=True)
+    hand_offs = [gap for run in gaps for gap in run]
+    for name, seconds, goal in (("launch → first stage", list(first), FIRST_STAGE_GOAL_S),
+                                (f"hand-off ({len(hand_offs)} gaps)", hand_offs,
+                                 HAND_OFF_GOAL_S),
+                                ("last stage → exit", list(tails), TAIL_GOAL_S)):
+        met = statistics.median(seconds) <= goal
+        print(f"  {name + ':':<24}median {statistics.median(seconds):.2f} s (range "
+              f"{min(seconds):.2f}-{max(seconds):.2f} s); goal ≤ {goal:g} s: "
+              f"{'met' if met else 'MISSED'}")
     fits = statistics.median(imports) < IMPORT_GOAL_S
     print(f"import cruijff.flows.experiment: {describe(imports)}; part of launch → first "
           f"stage, goal ≤ {IMPORT_GOAL_S:g} s: {'fits' if fits else 'MISSED'}")

@@ -1,121 +1,138 @@
-"""What does orchestration cost on Slurm? (run on demand, with the dev Slurm up:
+"""What does orchestration cost, on Slurm and off it? (run on demand, with the dev Slurm up:
 bash scripts/slurm/start.sh)
 
-    python benchmarks/slurm_overhead.py [--trials 4]
+    python benchmarks/slurm_overhead.py [--trials 2] [--repeats 5]
 
-Runs one experiment of N base-model evaluations three ways at the same parallelism (2 at a
-time): the generated eval.slurm scripts submitted with plain `sbatch`; `cruijff run` on a
-local Dask cluster; `cruijff run` on Slurm (a SLURMCluster of worker jobs). For each it prints
-the time from the command to the first stage executing, the wall time, the mean stage time,
-and the orchestration overhead per stage, with ratios to raw sbatch.
+Evaluates the base model in N+1 trials (no fine-tune), 2 at a time, four ways, like with
+like:
+  on Slurm:  the generated eval.slurm scripts submitted with plain `sbatch`, against
+             `cruijff run --executor slurm` (a SLURMCluster of 2 worker jobs);
+  off Slurm: the stage commands those scripts show, run here 2 at a time, against
+             `cruijff run --executor local` (a local Dask cluster of 2 workers).
+The four sides alternate in order from one repeat to the next (`--repeats` ≥ 5); it prints
+each side's wall time and the time from the command to the first stage's start (median and
+range), and each cruijff side's ratio to its raw side.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import re
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
+from timing import MIN_REPEATS, alternate, describe, run_site
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cruijff.slurm import shown_stage_command  # noqa: E402
+from cruijff.state import read_record  # noqa: E402
+
+PAIRS = {"on Slurm": ("raw sbatch", "cruijff slurm"),
+         "off Slurm": ("raw commands", "cruijff local")}
 
 
-def cruijff(*args: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cruijff", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def first_record(experiment: Path) -> float:
+    """When the first stage of a cruijff run started: its record's `started` (to the ms)."""
+    starts = [read_record(trial, "eval") for trial in experiment.glob("trial-*")]
+    return min(datetime.fromisoformat(r.started).timestamp() for r in starts if r is not None)
 
 
-def first_start(pattern: str, folder: Path, start: float,
-                proc_done: Callable[[], bool]) -> float:
-    """Seconds from `start` until a file matching `pattern` exists under `folder`."""
-    while not proc_done():
-        if any(folder.glob(pattern)):
-            return time.perf_counter() - start
+def sbatch_all(experiment: Path) -> float:
+    """Submit every trial's eval.slurm as it is, wait until Slurm has finished them; when the
+    first job's log appeared (its stage starting)."""
+    jobs = [subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", str(script)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+            .split(";")[0] for script in sorted(experiment.glob("trial-*/eval.slurm"))]
+    first = float("nan")
+    while subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True,
+                         text=True).stdout.strip():
+        if math.isnan(first) and any(experiment.glob("trial-*/logs/eval-*.out")):
+            first = time.time()
         time.sleep(0.05)
-    return float("nan")
+    return first
 
 
-def raw_sbatch(experiment: Path) -> tuple[float, float, list[float]]:
-    start = time.perf_counter()
-    jobs = []
-    for script in sorted(experiment.glob("trial-*/eval.slurm")):
-        out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", str(script)],
-                             capture_output=True, text=True, check=True)
-        jobs.append(out.stdout.strip().split(";")[0])
+def commands_here(experiment: Path, env: dict) -> float:
+    """The stage commands the eval.slurm scripts show, 2 at a time on this machine; when the
+    first started."""
+    started: list[float] = []
 
-    def running() -> bool:
-        queue = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True,
-                               text=True).stdout
-        return not queue.strip()
+    def one(trial: Path) -> None:
+        command = shown_stage_command((trial / "eval.slurm").read_text())
+        started.append(time.time())
+        subprocess.run(command, cwd=trial, env=env, check=True, capture_output=True)
 
-    first = first_start("trial-*/logs/eval-*.out", experiment, start, running)
-    while not running():
-        time.sleep(0.2)
-    wall = time.perf_counter() - start
-    elapsed = subprocess.run(["sacct", "-c", "-n", "-X", "-j", ",".join(jobs), "-o",
-                              "Elapsed"], capture_output=True, text=True).stdout.split()
-    seconds = [sum(int(p) * 60 ** i for i, p in enumerate(reversed(e.split(":"))))
-               for e in elapsed if re.match(r"^[\d:]+$", e)]
-    return first, wall, seconds
-
-
-def cruijff_run(experiment: Path, executor: str, env: dict) -> tuple[float, float, list[float]]:
-    from cruijff.state import read_record
-
-    start = time.perf_counter()
-    proc = cruijff("run", "-q", "--local", "--executor", executor, str(experiment), env=env)
-    first = first_start("trial-*/.cruijff/eval.json", experiment, start,
-                        lambda: proc.poll() is not None)
-    proc.wait()
-    wall = time.perf_counter() - start
-    durations = [read_record(t, "eval").duration_s for t in sorted(experiment.glob("trial-*"))]
-    return first, wall, [d for d in durations if d is not None]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(one, sorted(experiment.glob("trial-*"))))
+    return min(started)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS)
     args = parser.parse_args()
-    from timing import prefect_server
-
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp, \
-            prefect_server(Path(tmp) / "home") as info:
-        site = Path(tmp)
-        env = dict(os.environ, CRUIJFF_HOME=str(site / "home"), PREFECT_API_URL=info.url,
-                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-                   HF_DATASETS_CACHE=str(site / "hf"))
-        (site / "config.yaml").write_text(
-            f"tasks_dir: {REPO / 'examples' / 'capitalization' / 'tasks'}\n"
-            "orchestration: {workers: 2, max_jobs: 2, retries: 0}\n"
-            "resources: {default: {time: '00:10:00', mem: 2}}\n")
+    config = "resources: {default: {time: '00:10:00', mem: 2}}\n"
+    with run_site(2, config, under=Path.home()) as (site, env):
+        env["OMP_NUM_THREADS"] = "1"
         limits = ",".join(str(n) for n in range(20, 20 + args.trials))
-        for name in ("raw", "local", "slurm"):
-            subprocess.run([sys.executable, "-m", "cruijff", "build", "--config-path",
-                            str(site / "config.yaml"), "--root", str(site), "--name", name,
-                            "--task", "capitalization", "--dataset", "words_5L_80_1000.json",
-                            "--model", "cruijff/tiny-llama-random", "--control",
-                            "use_fine_tune=false", "--treatments",
-                            f'{{"eval.limit": [{limits}]}}'], env=env, check=True,
-                           capture_output=True)
-        results = {"raw sbatch": raw_sbatch(site / "raw"),
-                   "cruijff local": cruijff_run(site / "local", "local", env),
-                   "cruijff slurm": cruijff_run(site / "slurm", "slurm", env)}
+        sides = [side for pair in PAIRS.values() for side in pair]
+        built: dict[str, list[Path]] = {side: [] for side in sides}
+        for repeat in range(args.repeats):  # built before any timing
+            for number, side in enumerate(sides):
+                name = f"side{number}-{repeat}"
+                subprocess.run([sys.executable, "-m", "cruijff", "build", "--config-path",
+                                str(site / "config.yaml"), "--root", str(site), "--name", name,
+                                "--task", "capitalization", "--dataset", "words_5L_80_1000.json",
+                                "--model", "cruijff/tiny-llama-random", "--control",
+                                "use_fine_tune=false", "--treatments",
+                                f'{{"eval.limit": [{limits}]}}'], env=env, check=True,
+                               capture_output=True)
+                built[side].append(site / name)
+        to_first: dict[str, list[float]] = {side: [] for side in sides}
 
-    stages = args.trials + 1
-    base_wall = results["raw sbatch"][1]
-    print(f"{stages} eval stages (tiny model, 20-{19 + args.trials} samples), 2 at a time")
-    print(f"{'':16}{'to 1st stage':>14}{'wall':>9}{'mean stage':>12}{'overhead/stage':>16}"
-          f"{'wall ratio':>12}")
-    for name, (first, wall, durations) in results.items():
-        mean = sum(durations) / len(durations) if durations else float("nan")
-        overhead = wall * 2 / stages - mean
-        print(f"{name:16}{first:13.1f}s{wall:8.1f}s{mean:11.1f}s{overhead:15.1f}s"
-              f"{wall / base_wall:12.2f}")
+        def timed(side: str, run: Callable[[Path], float]) -> Callable[[], None]:
+            """`run` returns when its first stage started."""
+            def go() -> None:
+                experiment = built[side].pop(0)
+                start = time.time()
+                to_first[side].append(run(experiment) - start)
+            return go
+
+        def cruijff_run(executor: str) -> Callable[[Path], float]:
+            def go(experiment: Path) -> float:
+                subprocess.run([sys.executable, "-m", "cruijff", "run", "-q", "--local",
+                                "--executor", executor, str(experiment)], env=env, check=True,
+                               capture_output=True)
+                return first_record(experiment)
+            return go
+
+        times = alternate({
+            "raw sbatch": timed("raw sbatch", sbatch_all),
+            "cruijff slurm": timed("cruijff slurm", cruijff_run("slurm")),
+            "raw commands": timed("raw commands", lambda e: commands_here(e, env)),
+            "cruijff local": timed("cruijff local", cruijff_run("local")),
+        }, args.repeats)
+
+    print(f"{args.trials + 1} eval stages of the tiny model ({limits} samples), 2 at a time, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    for where, (raw, orchestrated) in PAIRS.items():
+        ratios = [c / r for c, r in zip(times[orchestrated], times[raw], strict=True)]
+        print(f"{where}:")
+        for side in (raw, orchestrated):
+            print(f"  {side + ':':<15}wall {describe(times[side])}; to first stage median "
+                  f"{statistics.median(to_first[side]):.2f} s")
+        print(f"  {orchestrated} / {raw}, pairwise: median {statistics.median(ratios):.2f}× "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,8 @@ def alternate(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str,
             started = time.perf_counter()
             sides[name]()
             times[name].append(time.perf_counter() - started)
+            print(f"  repeat {repeat + 1}/{repeats}, {name}: {times[name][-1]:.2f} s",
+                  file=sys.stderr, flush=True)  # a long benchmark shows it is alive
     return times
 
 
@@ -54,22 +58,31 @@ def growth(seconds: dict[int, list[float]]) -> str:
 @contextmanager
 def prefect_server(home: Path) -> Iterator[Any]:
     """cruijff's managed Prefect server in `home`, stopped on the way out (a benchmark that
-    leaves it running leaves ~270 MB serving a deleted temp folder), also on Ctrl-C."""
+    leaves it running leaves ~270 MB serving a deleted temp folder), also on Ctrl-C and on
+    SIGTERM (a `timeout` or a job's end), which then unwinds like Ctrl-C."""
     from cruijff.flows.server import ensure_api, stop_server
 
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, terminated)
     try:
         yield ensure_api(home)
     finally:
         stop_server(home)
+        signal.signal(signal.SIGTERM, before)
 
 
 @contextmanager
-def run_site(workers: int, config: str = "") -> Iterator[tuple[Path, dict[str, str]]]:
-    """A temporary site for timing `cruijff run` (its Prefect server, a config.yaml for the
-    example task with `workers`, plus `config`) and the environment both sides run in: each
-    stage's torch gets its share of the cores, nothing reaches the Hugging Face hub."""
+def run_site(workers: int, config: str = "", under: Path | None = None
+             ) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A temporary site (in `under`, else the temp folder) for timing `cruijff run`: its
+    Prefect server, a config.yaml for the example task with `workers` (and as many Slurm
+    worker jobs), plus `config`; and the environment both sides run in: each stage's torch
+    gets its share of the cores, nothing reaches the Hugging Face hub."""
     repo = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as tmp, prefect_server(Path(tmp) / "home") as info:
+    with tempfile.TemporaryDirectory(dir=under) as tmp, \
+            prefect_server(Path(tmp) / "home") as info:
         site = Path(tmp)
         threads = max(1, (os.cpu_count() or 1) // workers)
         env = dict(os.environ, CRUIJFF_HOME=str(site / "home"), PREFECT_API_URL=info.url,
@@ -77,5 +90,5 @@ def run_site(workers: int, config: str = "") -> Iterator[tuple[Path, dict[str, s
                    HF_DATASETS_CACHE=str(site / "hf"))
         (site / "config.yaml").write_text(
             f"tasks_dir: {repo / 'examples' / 'capitalization' / 'tasks'}\n"
-            f"orchestration: {{workers: {workers}, retries: 0}}\n{config}")
+            f"orchestration: {{workers: {workers}, max_jobs: {workers}, retries: 0}}\n{config}")
         yield site, env

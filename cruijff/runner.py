@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import importlib
 import json
 import os
 import re
@@ -499,6 +500,7 @@ def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = N
         if STOP.is_set():  # stopped while this stage was starting
             request_stop("stop")
         try:
+            _import_for_verify(stage)
             proc.wait()
         finally:
             with _stages_lock:
@@ -535,6 +537,14 @@ def execute_stage(trial: Trial, stage: str, key: str, *, threads: int | None = N
     record.usage = read_usage(trial, stage, throughput)
     write_record(trial.dir, record)
     return record
+
+
+def _import_for_verify(stage: str) -> None:
+    """The stage's verify_imports, while it runs. A module that fails to import is left to
+    verify, which reports it where a stage's failures are reported."""
+    for module in STAGES[stage].verify_imports:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
 
 
 def usage_path(trial_dir: Path, stage: str) -> Path:

@@ -177,7 +177,10 @@ def damaged_output(trial_dir: Path, record: StageRecord) -> str | None:
 
 
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    """UTC to the millisecond: a record's start and end then show the gaps between stages
+    (benchmarks/overhead.py). Old records to the second still compare in the right order as
+    strings ('+' sorts before '.')."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def record_path(trial_dir: Path, stage: str) -> Path:

@@ -22,10 +22,8 @@ Inspect sample, epoch and scorer), losses (fine-tune loss per step).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +59,7 @@ from cruijff import __version__
 from cruijff.errors import CruijffError
 from cruijff.experiment import experiment_config, trial_dir_name
 from cruijff.fileio import load_yaml_mapping
+from cruijff.log_scores import LogScores, as_number, as_text, read_logs
 from cruijff.registry import DEFAULT_PIPELINE, STAGES
 from cruijff.state import StageRecord, read_record, record_path
 from cruijff.urls import mask_url
@@ -423,7 +422,7 @@ def _stored_sources(session: Session, path: Path, name: str) -> dict[str, str | 
 def _gather(path: Path, entries: list[dict[str, Any]]) -> dict[str, _Gathered]:
     gathered = {str(entry["id"]): _gather_trial(path, entry) for entry in entries}
     with_logs = [g for g in gathered.values() if g.log is not None]
-    for trial, scores in zip(with_logs, _read_logs([g.log for g in with_logs]), strict=True):
+    for trial, scores in zip(with_logs, read_logs([g.log for g in with_logs]), strict=True):
         _apply_scores(trial, scores)
     return gathered
 
@@ -438,7 +437,7 @@ def _write(session: Session, path: Path, config: dict[str, Any], trials: list[di
     if exp is None:
         exp = ExperimentRow(path=str(path), name=name)
         session.add(exp)
-    exp.task, exp.created = config.get("task"), _text(config.get("created"))
+    exp.task, exp.created = config.get("task"), as_text(config.get("created"))
     exp.loaded_at = datetime.now(UTC)
     session.flush()
     report.experiment_pk = exp.id
@@ -543,23 +542,9 @@ class _Gathered:
                                     detail)
 
 
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None (bools count as 0/1; anything else non-numeric is None)."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, int | float):
-        x = float(value)
-        return x if math.isfinite(x) else None
-    return None
-
-
 def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
     """A trial's rows from its records and loss log; its eval log is read later, with all
-    the others (see _read_logs)."""
+    the others (see log_scores.read_logs)."""
     trial_id = str(entry["id"])
     trial_dir = path / trial_dir_name(trial_id)
     label = str(entry.get("label") or ("control" if not entry.get("treatment") else trial_id))
@@ -571,7 +556,7 @@ def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
             continue
         children[StageRunRow].append({
             "stage": stage, "status": record.status, "attempts": record.attempts,
-            "duration_s": _number(record.duration_s), "where": record.where, "key": record.key,
+            "duration_s": as_number(record.duration_s), "where": record.where, "key": record.key,
             "run_id": record.run_id, "started": record.started, "finished": record.finished,
             "reused_from": record.reused_from, "error": record.error, **_use_columns(record),
         })
@@ -579,14 +564,14 @@ def _gather_trial(path: Path, entry: dict[str, Any]) -> _Gathered:
             if isinstance(value, str):  # the headline's name: the trial's `metric` column
                 continue
             children[MetricRow].append({"stage": stage, "name": str(metric),
-                                        "value": _number(value)})
+                                        "value": as_number(value)})
         if not children[LossRow]:
-            children[LossRow] = [{"step": step, "loss": _number(loss)} for step, loss in
+            children[LossRow] = [{"step": step, "loss": as_number(loss)} for step, loss in
                                  enumerate(_losses(path, trial_dir, stage, record), 1)]
 
     columns: dict[str, Any] = {
         "trial_id": trial_id, "label": label, "model": str(entry.get("model", "")),
-        "dataset": str(entry.get("dataset", "")), "control": _text(entry.get("control")),
+        "dataset": str(entry.get("dataset", "")), "control": as_text(entry.get("control")),
         "use_fine_tune": bool(entry.get("use_fine_tune", "finetune" in stages)),
         "use_prompt_opt": bool(entry.get("use_prompt_opt", "prompt_opt" in stages)),
         "settings": dict(entry.get("settings") or {}),
@@ -619,7 +604,7 @@ def _use_columns(record: StageRecord) -> dict[str, Any]:
     """A stage run's compute columns (all None for a stage reused from another trial)."""
     use = attempt_use(record) or AttemptUse()
     return {"wall_s": use.wall_s, "cpu_s": use.cpu_s,
-            "peak_rss_mib": _number(record.usage.peak_rss_mib)
+            "peak_rss_mib": as_number(record.usage.peak_rss_mib)
             if record.usage and not record.reused_from else None,
             "gpu_peak_mib": use.gpu_peak_mib, "requested_mem_mib": use.asked_mem_mib,
             "requested_time_s": use.asked_time_s, "outcome": use.outcome,
@@ -669,102 +654,3 @@ def _apply_scores(gathered: _Gathered, scores: LogScores | BaseException) -> Non
     gathered.columns.update(eval_status="done", scorer=scorer, metric=metric,
                             metric_default=default)
     gathered.children[SampleRow] = scores.rows
-
-
-@dataclass(frozen=True)
-class LogScores:
-    """What the store reads from an eval log: every scorer's per-sample rows."""
-
-    scorers: dict[str, str]
-    """A results scorer's name -> its sample rows' name (`<scorer>/<key>` for a key of a
-    scorer whose value is a dict)."""
-    default: str | None
-    """The first scorer's first metric: the headline where eval.metric chose none."""
-    rows: list[dict[str, Any]]
-
-
-def _read_logs(paths: list[Path]) -> list[LogScores | BaseException]:
-    """read_scores for many logs, in one event loop (Inspect's sync readers start one per
-    call, which costs more than reading a small log)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_read_logs_async(paths))
-    results: list[LogScores | BaseException] = []
-    for log in paths:  # inside a running loop (a notebook): Inspect's sync readers nest
-        try:
-            results.append(read_scores(log))
-        except Exception as exc:
-            results.append(exc)
-    return results
-
-
-async def _read_logs_async(paths: list[Path]) -> list[LogScores | BaseException]:
-    limit = asyncio.Semaphore(8)
-
-    async def one(log: Path) -> LogScores | BaseException:
-        async with limit:
-            try:
-                return await read_scores_async(log)
-            except Exception as exc:
-                return exc
-
-    return list(await asyncio.gather(*(one(log) for log in paths)))
-
-
-def read_scores(log_path: Path) -> LogScores:
-    """Every scorer's sample rows of a successful Inspect log (see _score_rows)."""
-    from inspect_ai.log import read_eval_log, read_eval_log_sample_summaries
-
-    if not log_path.is_file():
-        raise FileNotFoundError("the log file is missing")
-    header = read_eval_log(str(log_path), header_only=True)
-    summaries = (read_eval_log_sample_summaries(str(log_path))
-                 if header.status == "success" else [])
-    return _score_rows(header, summaries)
-
-
-async def read_scores_async(log_path: Path) -> LogScores:
-    from inspect_ai.log import read_eval_log_async, read_eval_log_sample_summaries_async
-
-    if not log_path.is_file():
-        raise FileNotFoundError("the log file is missing")
-    header = await read_eval_log_async(str(log_path), header_only=True)
-    summaries = (await read_eval_log_sample_summaries_async(str(log_path))
-                 if header.status == "success" else [])
-    return _score_rows(header, summaries)
-
-
-def _score_rows(header: Any, summaries: list[Any]) -> LogScores:
-    """Every scorer's value per sample (a dict value as one scorer per key); CORRECT/INCORRECT
-    and the like become numbers with Inspect's value_to_float (C=1, I=0, P=0.5, N=0). Samples
-    that errored (no scores) are left out. Only a log whose status is success counts."""
-    from inspect_ai.scorer import value_to_float
-
-    if header.status != "success":
-        raise ValueError(f"log status is {header.status}, not success")
-    results = header.results.scores if header.results else []
-    scorers = {s.name: s.name if s.name == s.scorer else f"{s.scorer}/{s.name}"
-               for s in results}
-    default = next((f"{s.name}/{m}" for s in results for m in s.metrics), None)
-    to_float = value_to_float()
-    rows: list[dict[str, Any]] = []
-    for sample in summaries:
-        if sample.error or not sample.scores:
-            continue
-        target = sample.target if isinstance(sample.target, str) else "\n".join(sample.target)
-        for scorer, score in sample.scores.items():
-            values = (score.value.items() if isinstance(score.value, dict)
-                      else [(None, score.value)])
-            for key, value in values:
-                if isinstance(value, list | tuple) or value is None:
-                    continue
-                number = _number(to_float(value))
-                if number is None:
-                    continue
-                rows.append({
-                    "scorer": scorer if key is None else f"{scorer}/{key}",
-                    "sample_id": str(sample.id), "epoch": int(sample.epoch), "score": number,
-                    "answer": _text(score.answer), "target": target,
-                })
-    return LogScores(scorers, default, rows)

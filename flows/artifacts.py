@@ -45,7 +45,7 @@ def _interval(trial_dir: Path, stage: str, headline: str, value: Any) -> str:
     from the eval's Inspect log; '-' where the headline is not that mean (another metric) or
     the log has no per-sample scores of its scorer."""
     from cruijff.analysis import mean_estimate
-    from cruijff.store import read_scores
+    from cruijff.log_scores import read_scores
 
     record = read_record(trial_dir, stage)
     if record is None or not record.outputs or not isinstance(value, int | float):

@@ -7,8 +7,11 @@ this file only maps it onto Prefect runs (history, tags, names, the UI) and Dask
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from cruijff.flows.stage_logs import show_attempt_log, show_latest_log
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 from prefect.exceptions import PrefectHTTPStatusError
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Cancelled, State
 from prefect_dask import DaskTaskRunner
 
@@ -49,6 +53,20 @@ _ENDPOINTS: dict[str, Endpoints] = {}
 """The clusters of each run in this process, by run id (as _RUNS)."""
 
 SERVER_BUSY_PAUSES_S = (10.0, 30.0)
+
+
+@contextmanager
+def no_heartbeats() -> Iterator[None]:
+    """Prefect's flow-run heartbeats off for the flow runs started inside, unless the user set
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY. A finishing flow run waits for its heartbeat thread,
+    which sleeps in 1 s steps (0.5 s on average, for every trial's subflow and again for the
+    experiment's: most of a run's tail); cruijff finds runs whose process died by its own run
+    lock (flows/status.py), not by missing heartbeats."""
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def _start_trial(subflow: Any, *args: Any) -> str:
@@ -203,7 +221,7 @@ def _experiment(experiment: str, stage: str | None = None, trials: str | None = 
     run_id = uuid.uuid4().hex
     if plan.executor == "slurm":
         import dask_jobqueue  # noqa: F401  # its import sets a SIGINT handler: let ours win
-    with tags("cruijff", f"exp:{exp.name}"), hold(plan) as sharing:
+    with tags("cruijff", f"exp:{exp.name}"), hold(plan) as sharing, no_heartbeats():
         _RUNS[run_id] = sharing
         try:
             with clusters(exp, [t for t, _ in plan.selection], executor=plan.executor,
@@ -250,7 +268,7 @@ def run_experiment(experiment: Path, *, stage: str | None = None, trials: str | 
                    force: bool = False) -> bool:
     """Run the experiment flow in this process; True if every selected stage succeeded."""
     name = load_experiment(experiment).name
-    with tags("cruijff", f"exp:{name}"):
+    with tags("cruijff", f"exp:{name}"), no_heartbeats():
         state = experiment_flow.with_options(flow_run_name=name)(
             str(experiment), stage, trials, workers, None, executor, force, return_state=True
         )

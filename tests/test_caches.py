@@ -290,8 +290,8 @@ def test_a_filled_store_reads_only_the_trials_that_changed(tmp_path, monkeypatch
         SyntheticTrial("c", scores=[1, 1, 1], control="a", treatment={"finetune.lr": 2}),
     ])
     read: list[str] = []
-    real = cruijff.store._read_logs
-    monkeypatch.setattr(cruijff.store, "_read_logs",
+    real = cruijff.store.read_logs
+    monkeypatch.setattr(cruijff.store, "read_logs",
                         lambda paths: read.extend(p.parent.parent.parent.name for p in paths)
                         or real(paths))
     with open_store(None, path) as store:

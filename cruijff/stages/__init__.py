@@ -107,6 +107,9 @@ class Stage(ABC):
     headlines: ClassVar[tuple[Headline, ...]] = ()
     scores: ClassVar[bool] = False
     """Its run's first output is an Inspect log whose per-sample scores `analyze` reads."""
+    verify_imports: ClassVar[tuple[str, ...]] = ()
+    """Modules `verify` imports: a run imports them while the stage runs, so a slow first
+    import (inspect_ai: ~1 s) does not sit between the stage's end and the next stage."""
 
     @property
     def namespace(self) -> str:

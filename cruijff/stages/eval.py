@@ -414,6 +414,7 @@ class EvalStage(Stage):
     headlines = (Headline("headline", "headline_value", ".3f", named_by="headline",
                           fallback="accuracy"),)
     scores = True
+    verify_imports = ("inspect_ai.log",)
 
     def enabled(self, trial: TrialSpec) -> bool:
         return True
