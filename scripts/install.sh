@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11 or 3.12) and install cruijff with the CPU-only pins; sourced by the
+# Create .venv (Python 3.11 to 3.13) and install cruijff with the CPU-only pins; sourced by the
 # quickstart and test scripts. Idempotent: a second run only checks.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${CRUIJFF_VENV:-$repo/.venv}"
 extras="${1:-}"
 python="${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3)}"
-if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))'; then
-  echo "cruijff needs Python 3.11 or 3.12 (found $("$python" --version)); set PYTHON=/path/to/python3.12" >&2
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12), (3, 13)))'; then
+  echo "cruijff needs Python 3.11, 3.12 or 3.13 (found $("$python" --version)); set PYTHON=/path/to/python3.12" >&2
   exit 2
 fi
 if [ ! -x "$venv/bin/python" ]; then
