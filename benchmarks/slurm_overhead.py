@@ -123,7 +123,8 @@ def main() -> None:
             "cruijff local": timed("cruijff local", cruijff_run("local")),
         }, args.repeats)
 
-    print(f"{args.trials + 1} eval stages of the tiny model ({limits} samples), 2 at a time, "
+    print(f"{args.trials + 1} eval stages of the tiny model (20-{19 + args.trials} samples, "
+          "one of them twice), 2 at a time, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     for where, (raw, orchestrated) in PAIRS.items():
         ratios = [c / r for c, r in zip(times[orchestrated], times[raw], strict=True)]
