@@ -3,8 +3,8 @@ bash scripts/slurm/start.sh)
 
     python benchmarks/slurm_overhead.py [--trials 2] [--repeats 5]
 
-Evaluates the base model in N+1 trials (no fine-tune), 2 at a time, four ways, like with
-like:
+Evaluates the base model in N+1 trials (no fine-tune; the control on the whole test split,
+the others on 20, 21, ... samples), 2 at a time, four ways, like with like:
   on Slurm:  the generated eval.slurm scripts submitted with plain `sbatch`, against
              `cruijff run --executor slurm` (a SLURMCluster of 2 worker jobs);
   off Slurm: the stage commands those scripts show, run here 2 at a time, against
@@ -123,8 +123,8 @@ def main() -> None:
             "cruijff local": timed("cruijff local", cruijff_run("local")),
         }, args.repeats)
 
-    print(f"{args.trials + 1} eval stages of the tiny model (20-{19 + args.trials} samples, "
-          "one of them twice), 2 at a time, "
+    print(f"{args.trials + 1} eval stages of the tiny model (the control's whole test split, "
+          f"then 20-{19 + args.trials} samples), 2 at a time, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     for where, (raw, orchestrated) in PAIRS.items():
         ratios = [c / r for c, r in zip(times[orchestrated], times[raw], strict=True)]
