@@ -56,6 +56,8 @@ from cruijff.tasks import TaskModule, load_task
 
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ARCHIVE = ".archive"
+REPORT_DIR = "report"
+"""Where `analyze` writes the report in an experiment (the run's artifacts link it)."""
 
 
 @dataclass

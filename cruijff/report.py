@@ -38,7 +38,7 @@ from cruijff.analysis import (
 )
 from cruijff.containment import check_contained
 from cruijff.errors import CruijffError
-from cruijff.experiment import experiment_config, trial_dir_name
+from cruijff.experiment import REPORT_DIR, experiment_config, trial_dir_name
 from cruijff.fileio import atomic_write_text, json_safe
 from cruijff.registry import DEFAULT_PIPELINE, STAGES
 from cruijff.stages.eval import describe_headline
@@ -70,7 +70,6 @@ from cruijff.utilization import (
 )
 
 FORMATS = frozenset({"md", "html", "csv"})
-REPORT_DIR = "report"
 ALPHA = 0.05
 CSV_COLUMNS = ("id", "label", "model", "dataset", "metric", "ci_low", "ci_high", "n",
                "diff_vs_control", "diff_low", "diff_high", "p", "p_holm", "method",

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from cruijff.experiment import REPORT_DIR
 from cruijff.registry import STAGES
 from cruijff.runner import DONE_STATES, Experiment, select
 from cruijff.state import read_record
@@ -118,8 +119,6 @@ def trial_rows(experiment: Experiment) -> list[dict[str, str]]:
 
 def report_markdown(experiment: Experiment, rows: list[dict[str, str]]) -> str:
     """Where the report is (if `cruijff analyze` made one) or the command that makes it."""
-    from cruijff.report import REPORT_DIR
-
     done = sum(row["state"] == "done" for row in rows)
     lines = [f"# {experiment.name}", ""]
     if rows:
