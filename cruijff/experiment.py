@@ -376,16 +376,7 @@ def _write(root: Path, dest: Path, files: dict[str, str], folders: list[str],
     mask = umask()
     staging.chmod(0o777 & ~mask)  # mkdtemp makes it owner-only; colleagues may read results
     try:
-        for relative, text in files.items():
-            path = staging / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-        for relative in files:
-            if relative.endswith(".slurm"):
-                (staging / relative).chmod(0o777 & ~mask)
-                (staging / relative).parent.joinpath("logs").mkdir(exist_ok=True)
-        for relative in folders:
-            (staging / relative).mkdir(parents=True, exist_ok=True)
+        _write_tree(staging, files, folders)
         archived = None
         if dest.exists() and force:
             archived = root / ARCHIVE / f"{dest.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
@@ -401,6 +392,35 @@ def _write(root: Path, dest: Path, files: dict[str, str], folders: list[str],
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_tree(staging: Path, files: dict[str, str], folders: list[str]) -> None:
+    """Into the new, empty `staging`: each folder made once, then the files, with the mode
+    a plain open() gives them (`.slurm` scripts executable, a `logs` folder beside each).
+    Written by a few threads: creating a file is a metadata write the file system serves
+    while the next is prepared, most of writing a 1,000-trial build's ~5,000 files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = str(staging)
+    wanted = {*folders, *(os.path.dirname(r) for r in files),
+              *(os.path.join(os.path.dirname(r), "logs") for r in files if r.endswith(".slurm"))}
+    for folder in list(wanted):
+        while folder := os.path.dirname(folder):
+            wanted.add(folder)
+    wanted.discard("")
+    for folder in sorted(wanted, key=lambda f: f.count("/")):
+        os.mkdir(os.path.join(base, folder))
+
+    def put(relative: str) -> None:
+        mode = 0o777 if relative.endswith(".slurm") else 0o666  # less the umask
+        fd = os.open(os.path.join(base, relative),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        with open(fd, "wb") as fh:
+            fh.write(files[relative].encode("utf-8"))
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in pool.map(put, files):
+            pass
 
 
 def _lock_holder(handle: IO[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from cruijff.errors import CruijffError
+from cruijff.yaml_emit import Unwritable, dump_plain
 
 MAX_INPUT_BYTES = 10 * 1024 * 1024
 """Config, design and data-description files larger than this are refused, not parsed."""
@@ -305,16 +307,23 @@ def type_name(value: Any) -> str:
 def dump_yaml(data: Any) -> str:
     """YAML text of `data`, refused (before anything is written) if it nests so deep that
     cruijff could not read the file back."""
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
-                     allow_unicode=True)
+    return _dump(data, 80)
 
 
 def dump_yaml_unfolded(data: Any) -> str:
     """dump_yaml without folding long strings across lines: each key's value starts on the
     key's line, and a value without line breaks stays on it (so a comment can follow it;
     cruijff/yaml_comments.py)."""
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
-                     allow_unicode=True, width=10**9)
+    return _dump(data, 10**9)
+
+
+def _dump(data: Any, width: int) -> str:
+    """cruijff/yaml_emit.py's text where it is sure of it, else PyYAML's (the same text)."""
+    try:
+        return dump_plain(data, width=width, max_depth=MAX_DEPTH)
+    except Unwritable:
+        return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                         allow_unicode=True, width=width)
 
 
 def umask() -> int:
@@ -349,13 +358,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def json_safe(value: Any) -> Any:
     """Non-finite floats (a diverged loss) become None: JSON has no NaN, and tools reading
-    cruijff's --json output must be able to parse it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    cruijff's --json output must be able to parse it. Dataclass instances become dicts, as
+    dataclasses.asdict makes them but without its deep copies (a 1,000-trial summary's)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: json_safe(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
 
 
