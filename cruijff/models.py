@@ -19,6 +19,9 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -379,9 +382,34 @@ def _folder_signature(folder: Path) -> tuple:
     return tuple(sorted(entries, key=lambda e: e[0]))
 
 
+_ONCE: ContextVar[dict[str, str] | None] = ContextVar("cruijff_fingerprints_once",
+                                                      default=None)
+
+
+@contextmanager
+def fingerprints_once() -> Iterator[None]:
+    """Within it, each model folder is walked once: for a look at an experiment (summary,
+    analyze) that asks for the fingerprint once per stage of every trial and is over in a
+    second. A run, during which a folder may change, walks it each time."""
+    token = _ONCE.set({})
+    try:
+        yield
+    finally:
+        _ONCE.reset(token)
+
+
 def model_fingerprint(folder: Path) -> str:
     """model_folder_fingerprint, computed once per process for as long as no file in the folder
     changes (a run or `summary` asks for it once per stage of every trial)."""
+    once = _ONCE.get()
+    if once is not None:
+        if str(folder) not in once:
+            once[str(folder)] = _fingerprint(folder)
+        return once[str(folder)]
+    return _fingerprint(folder)
+
+
+def _fingerprint(folder: Path) -> str:
     signature = _folder_signature(folder)
     known = _FINGERPRINTS.get(str(folder))
     if known is not None and known[0] == signature:

@@ -86,6 +86,8 @@ class Registry(Generic[T]):
         return isinstance(name, str) and name in self._targets()
 
     def __getitem__(self, name: str) -> T:
+        if name in self.builtins and name in self._loaded:  # no plugin or double takes its name
+            return self._loaded[name]
         targets = self._targets()
         if name not in targets:
             if name in self.test_doubles:

@@ -294,6 +294,7 @@ def run_states(path: Path, trial_ids: list[str]) -> dict[str, tuple[str, str | N
     (runner.trial_states: pending, blocked, running, interrupted, failed, ...), with what
     blocks it; {} where the experiment cannot be read as a run reads it (the store's words
     stand then)."""
+    from cruijff.models import fingerprints_once
     from cruijff.runner import load_experiment, trial_states, unlocked
 
     if not trial_ids:
@@ -305,18 +306,20 @@ def run_states(path: Path, trial_ids: list[str]) -> dict[str, tuple[str, str | N
     except unreadable:  # e.g. written by an older cruijff, or not by a build
         return {}
     words: dict[str, tuple[str, str | None]] = {}
-    for trial in experiment.trials:
-        scoring = scoring_stage(trial.stages) if trial.id in trial_ids else None
-        if scoring is None:
-            continue
-        try:
-            states = trial_states(trial, trial.stages, held=held)
-        except unreadable:
-            continue
-        state = states[scoring]
-        stopped = next((f"{stage} {s.state}" for stage, s in states.items()
-                        if s.state in ("failed", "interrupted")), None)
-        words[trial.id] = (state.state, stopped if state.state == "blocked" else state.detail)
+    with fingerprints_once():
+        for trial in experiment.trials:
+            scoring = scoring_stage(trial.stages) if trial.id in trial_ids else None
+            if scoring is None:
+                continue
+            try:
+                states = trial_states(trial, trial.stages, held=held)
+            except unreadable:
+                continue
+            state = states[scoring]
+            stopped = next((f"{stage} {s.state}" for stage, s in states.items()
+                            if s.state in ("failed", "interrupted")), None)
+            words[trial.id] = (state.state,
+                               stopped if state.state == "blocked" else state.detail)
     return words
 
 

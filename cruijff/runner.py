@@ -211,13 +211,14 @@ def _backend_version(distribution: str) -> str:
         return "unknown"
 
 
-def stage_key(trial: Trial, stage: str) -> str:
+def stage_key(trial: Trial, stage: str, runs: dict[str, str | None] | None = None) -> str:
     """A hash of everything that determines the stage's outputs: its config's data (parsed and
     written again, so a comment or layout edit changes nothing) with this trial's paths taken
     out, the data's content, the model's files, the backend's version, and the runs of the
-    stages before it. Equal keys mean equal outputs (so they can be shared)."""
+    stages before it. Equal keys mean equal outputs (so they can be shared). `runs`: the run
+    id of each earlier stage, from records the caller has just read (else they are read)."""
     path = STAGES[stage].config_path(trial.dir)
-    return _key_of(trial, stage, CONFIG_DATA.text(trial.dir, path))
+    return _key_of(trial, stage, CONFIG_DATA.text(trial.dir, path), runs)
 
 
 def _text_key(trial: Trial, stage: str) -> str:
@@ -228,12 +229,16 @@ def _text_key(trial: Trial, stage: str) -> str:
     return _key_of(trial, stage, path.read_text(encoding="utf-8"))
 
 
-def _key_of(trial: Trial, stage: str, config: str) -> str:
+def _key_of(trial: Trial, stage: str, config: str,
+            runs: dict[str, str | None] | None = None) -> str:
     for path, placeholder in ((trial.dir, "<trial>"), (trial.model_path, "<model>"),
                               (trial.data_path, "<data>")):
         config = config.replace(str(path), placeholder)
     upstream = {}
     for earlier in trial.stages[: trial.stages.index(stage)]:
+        if runs is not None and earlier in runs:
+            upstream[earlier] = runs[earlier]
+            continue
         record = read_record(trial.dir, earlier)
         upstream[earlier] = record.run_id if record else None
     return digest({
@@ -333,6 +338,7 @@ def trial_states(trial: Trial, stages: list[str], *, held: bool) -> dict[str, St
     after a failed one blocked). `held`: a `cruijff run` holds the experiment now (else a
     record left 'running' was interrupted)."""
     states: dict[str, StageState] = {}
+    runs: dict[str, str | None] = {}  # each earlier stage's run id (its key includes them)
     blocked = rerun = False  # an earlier stage failed / will run again
     for stage in trial.stages:
         record = read_record(trial.dir, stage)
@@ -344,7 +350,7 @@ def trial_states(trial: Trial, stages: list[str], *, held: bool) -> dict[str, St
               and not runs_by_hand(trial.dir, stage)):
             state = "interrupted"  # neither a run nor a job by hand is running it
         elif record.is_done and (rerun or not key_matches(trial, stage, record.key,
-                                                          stage_key(trial, stage))):
+                                                          stage_key(trial, stage, runs))):
             state = "outdated"
         elif record.is_done and (detail := damaged_output(trial.dir, record)):
             state = "damaged"
@@ -354,6 +360,7 @@ def trial_states(trial: Trial, stages: list[str], *, held: bool) -> dict[str, St
             states[stage] = StageState(state, record, detail)
         blocked = blocked or state in ("failed", "interrupted")
         rerun = rerun or state not in DONE_STATES
+        runs[stage] = record.run_id if record else None
     return states
 
 

@@ -3,10 +3,11 @@ says about the jobs; flows/status.py adds Prefect's view when its server answers
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from cruijff.fileio import json_safe
+from cruijff.models import fingerprints_once
 from cruijff.runner import DONE_STATES, Experiment, Trial, trial_states, unlocked
 from cruijff.slurm import QueuedJob, job_states, slurm_waits
 from cruijff.utilization import AttemptUse, attempt_use, earlier_uses
@@ -80,8 +81,7 @@ class Summary:
                           "headline": {"text": self.headline_text(), "metrics": [
                               {"metric": name, "default": default}
                               for name, default in self.headlines]},
-                          "slurm_jobs": [asdict(j) for j in self.slurm_jobs],
-                          "trials": [asdict(t) for t in self.trials]})
+                          "slurm_jobs": self.slurm_jobs, "trials": self.trials})
 
 
 def _slurm_jobs(record_where: str | None, history: list[dict]) -> list[str]:
@@ -91,7 +91,9 @@ def _slurm_jobs(record_where: str | None, history: list[dict]) -> list[str]:
 
 def summarize(experiment: Experiment, selection: list[tuple[Trial, list[str]]]) -> Summary:
     running = not unlocked(experiment)
-    states = {trial.id: trial_states(trial, stages, held=running) for trial, stages in selection}
+    with fingerprints_once():
+        states = {trial.id: trial_states(trial, stages, held=running)
+                  for trial, stages in selection}
     jobs = [j for by_stage in states.values() for s in by_stage.values() if s.record
             for j in _slurm_jobs(s.record.where, s.record.history)]
     slurm = job_states(jobs)
