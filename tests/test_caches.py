@@ -71,6 +71,24 @@ def test_a_model_is_fingerprinted_once_while_its_files_stay(model_copy, monkeypa
     assert model_fingerprint(model_copy) == real(model_copy)
 
 
+def test_a_look_at_an_experiment_walks_a_model_folder_once_a_run_each_time(model_copy,
+                                                                            monkeypatch):
+    """summary/analyze ask for the fingerprint once per stage of every trial and are over in
+    a second: within fingerprints_once the folder is walked once; outside (a run, during
+    which the folder may change) each time."""
+    walks = []
+    real = cruijff.models._folder_signature
+    monkeypatch.setattr(cruijff.models, "_folder_signature",
+                        lambda folder: walks.append(folder) or real(folder))
+    with cruijff.models.fingerprints_once():
+        seen = {model_fingerprint(model_copy) for _ in range(5)}
+    assert len(walks) == 1
+    assert [model_fingerprint(model_copy) for _ in range(2)] == [*seen] * 2
+    assert len(walks) == 3
+    (model_copy / "config.json").write_text("{}")
+    assert model_fingerprint(model_copy) not in seen  # outside it: the change is seen
+
+
 def test_the_data_digest_follows_a_replaced_file(tmp_path):
     data = tmp_path / "d.json"
     data.write_text('{"a": 1}')

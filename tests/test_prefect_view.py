@@ -78,3 +78,23 @@ def test_a_server_that_asks_for_credentials_gets_prefects_auth_string(monkeypatc
     assert [(path, auth is not None) for path, auth, _ in seen] == [
         ("/api/flow_runs/filter", False), ("/api/flow_runs/filter", True)]
     assert seen[-1][2]["flow_runs"]["tags"] == {"all_": ["exp:e"]}
+
+
+def test_a_local_server_is_read_past_a_proxy_set_in_the_environment(prefect_env, monkeypatch):
+    """Clusters set HTTP_PROXY for the login node's way out; cruijff's own server on
+    127.0.0.1 is read directly (a proxy on a closed port would fail every request)."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    api = prefect_env["PREFECT_API_URL"]
+    states, notice = status.prefect_view(api, "nothing-here", unheld=lambda: True)
+    assert (states, notice) == ({}, None)
+    states, notice = status.prefect_view(f"http://127.0.0.1:{port}/api", "x", unheld=None)
+    assert states == {} and notice.startswith(f"Prefect at http://127.0.0.1:{port}/api did "
+                                              "not answer (URLError)")
