@@ -492,7 +492,7 @@ def summary(
     for trial in result.trials:
         trial.prefect = flow_states.get(f"{exp.name}/trial-{trial.id}")
     if as_json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(result.to_json()))  # one line, as every --json output
     else:
         _print_summary(result, flow_states.get(exp.name))
     if not result.complete:

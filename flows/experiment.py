@@ -21,6 +21,7 @@ from cruijff.flows.clusters import STAGE_SLOT, Endpoints, clusters, wait_for_sta
 from cruijff.flows.stage_logs import show_attempt_log, show_latest_log
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Cancelled, State
@@ -133,8 +134,12 @@ def _run_stage(experiment: str, trial_id: str, stage: str, key: str, threads: in
 # Tasks and flows here are decorated by call, not with @: Prefect ships the current flow and
 # task to Dask workers, and a function whose module name points at its decorated object is
 # pickled by value with the globals it reaches (here a registry holding locks). Decorated
-# this way, workers import it by name.
-run_stage = task(name="stage")(_run_stage)
+# this way, workers import it by name. Prefect neither caches nor persists a stage's result:
+# whether a stage runs is decided by cruijff's records and keys, and what it made is in the
+# trial's folder (with PREFECT_RESULTS_PERSIST_BY_DEFAULT in a profile, each stage's summary
+# would also go to Prefect's result storage, under a key of Prefect's: the task's inputs and
+# source hashed for every task run, the result store asked).
+run_stage = task(name="stage", cache_policy=NO_CACHE, persist_result=False)(_run_stage)
 
 
 def _submitter(experiment: str, threads: int, endpoints: Endpoints) -> Any:
