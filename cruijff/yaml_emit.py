@@ -95,12 +95,18 @@ def dump_plain(data: Any, *, width: int, max_depth: int) -> str:
     return "\n".join(lines)
 
 
-def _line(lines: list[str], text: str, value: Any, width: int) -> None:
-    """Add a line that ends with the scalar `value`: PyYAML folds a plain string with spaces
-    at a space past `width`."""
-    if type(value) is str and " " in value and len(text) > width:
-        raise Unwritable
-    lines.append(text)
+def _leaf(lines: list[str], prefix: str, value: Any, width: int) -> None:
+    """Add the line of a scalar or an empty mapping or list after `prefix` ("key: ", "- ").
+    PyYAML folds a string with spaces at a space past `width`: such a line is refused."""
+    if type(value) is dict and not value:
+        lines.append(prefix + "{}")
+    elif type(value) is list and not value:
+        lines.append(prefix + "[]")
+    else:
+        text = prefix + _scalar(value)
+        if type(value) is str and " " in value and len(text) > width:
+            raise Unwritable
+        lines.append(text)
 
 
 def _nested(value: Any, indent: str, lines: list[str], width: int, depth: int) -> None:
@@ -121,16 +127,11 @@ def _mapping(data: dict[Any, Any], first: str, indent: str, lines: list[str], wi
     for key, value in data.items():
         if type(key) is not str or len(key) >= _KEY_LIMIT or " " in key or _text(key) != key:
             raise Unwritable
-        kind = type(value)
-        if (kind is dict or kind is list) and value:
+        if type(value) in (dict, list) and value:
             lines.append(f"{lead}{key}:")
             _nested(value, indent, lines, width, depth)
-        elif kind is dict:
-            lines.append(f"{lead}{key}: {{}}")
-        elif kind is list:
-            lines.append(f"{lead}{key}: []")
         else:
-            _line(lines, f"{lead}{key}: {_scalar(value)}", value, width)
+            _leaf(lines, f"{lead}{key}: ", value, width)
         lead = indent
 
 
@@ -140,15 +141,10 @@ def _sequence(data: list[Any], first: str, indent: str, lines: list[str], width:
         raise Unwritable
     lead = first
     for item in data:
-        kind = type(item)
-        if kind is dict and item:
+        if type(item) is dict and item:
             _mapping(item, f"{lead}- ", indent + "  ", lines, width, depth - 1)
-        elif kind is list and item:
+        elif type(item) is list and item:
             _sequence(item, f"{lead}- ", indent + "  ", lines, width, depth - 1)
-        elif kind is dict:
-            lines.append(f"{lead}- {{}}")
-        elif kind is list:
-            lines.append(f"{lead}- []")
         else:
-            _line(lines, f"{lead}- {_scalar(item)}", item, width)
+            _leaf(lines, f"{lead}- ", item, width)
         lead = indent
