@@ -167,7 +167,11 @@ def shown_stage_command(script: str) -> list[str]:
 
 def job_states(job_ids: list[str]) -> dict[str, str]:
     """Slurm's word on jobs: queued/running ones from squeue, finished ones from sacct.
-    Jobs Slurm no longer knows (or no Slurm here) are simply absent."""
+    Jobs Slurm no longer knows (or no Slurm here) are simply absent. A job squeue still
+    lists as COMPLETING (its nodes cleaning up) that sacct says has ended keeps sacct's
+    word: how it ended (CANCELLED, FAILED, ...) is what a summary is read for."""
+    from cruijff.sacct import FINAL_STATES
+
     ids = sorted({j for j in job_ids if j.isdigit()})
     if not ids or shutil.which("squeue") is None:
         return {}
@@ -180,8 +184,12 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
             continue
         for line in out.splitlines():
             job, _, state = line.partition("|")
-            if job.strip() in ids and state.strip():
-                states[job.strip()] = state.split()[0]
+            job, word = job.strip(), state.split()[0] if state.strip() else ""
+            if job not in ids or not word:
+                continue
+            if word == "COMPLETING" and states.get(job) in FINAL_STATES:
+                continue
+            states[job] = word
     return states
 
 

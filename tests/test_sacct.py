@@ -409,3 +409,15 @@ def test_on_slurm_a_step_over_its_memory_is_out_of_memory_and_the_next_step_runs
     assert normal.max_rss_mib >= 64 and normal.total_cpu_s > 0, normal
     assert normal.elapsed_s is not None and normal.requested.get("mem_mib") == 1024, normal
     assert classify(normal, "") is None
+
+
+def test_a_job_squeue_lists_as_completing_shows_how_it_ended(fake_sacct):
+    """A cancelled job stays in squeue as COMPLETING while its node cleans up, after sacct
+    already says CANCELLED: summary shows CANCELLED. Fake sacct/squeue stand in for Slurm's
+    timing, which a real cluster shows only now and then (tests/test_slurm_run.py met it)."""
+    from cruijff.slurm import job_states
+
+    fake_sacct("161|CANCELLED by 0\n162|RUNNING\n",
+               squeue="161|COMPLETING\n162|COMPLETING\n163|PENDING\n")
+    assert job_states(["161", "162", "163"]) == {
+        "161": "CANCELLED", "162": "COMPLETING", "163": "PENDING"}
