@@ -61,9 +61,12 @@ from cruijff.slurm import (
 # one budget: orchestration.retries) then run it again on a new worker.
 # The worker's statistical profiler samples every thread every 10 ms (~1 s of CPU in a short
 # run): nobody reads its flame graphs, the dashboard is off. Worker jobs on Slurm get the same
-# through DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED in their environment.
+# through DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED in their environment. The system monitor
+# (psutil's view of this process, twice a second, for the dashboard) is as idle here: the
+# stages' CPU and memory are theirs, measured per attempt (cruijff.usage).
 DASK_CONFIG = {"distributed.scheduler.allowed-failures": 0, "distributed.admin.tick.limit": "1h",
-               "distributed.worker.profile.enabled": False}
+               "distributed.worker.profile.enabled": False,
+               "distributed.admin.system-monitor.interval": "1h"}
 # Every worker holds one unit of this resource and every stage task needs it (flows/experiment
 # submits each with it), so a worker runs one stage at a time. The scheduler checks only that a
 # worker has the resource, not that it is free: a stage may wait on a busy worker and be lost
@@ -333,6 +336,9 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
         if executor == "local":
             # Workers are threads of this process: a stage is a subprocess anyway, and threads
             # start in milliseconds where worker processes take seconds to import Prefect.
+            # No memory limit: a worker's would be this process's memory, not its stage's,
+            # and its monitor polls it every 100 ms (with the system monitor, ~0.7 s of CPU
+            # in a one-minute run of 6 trials, taken from the stages on a busy machine).
             # A failed stage task is cruijff's to report (results table, summary), not a
             # 'Compute Failed' traceback from the in-process worker on the researcher's terminal.
             worker_log = logging.getLogger("distributed.worker")
@@ -341,7 +347,8 @@ def clusters(experiment: Experiment, trials: list[Trial], *, executor: str, work
             cluster = stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=False,
                 resources={STAGE_SLOT: 1}, dashboard_address=LOOPBACK_HTTP,
-                worker_dashboard_address=LOOPBACK_HTTP, silence_logs=logging.ERROR))
+                worker_dashboard_address=LOOPBACK_HTTP, silence_logs=logging.ERROR,
+                memory_limit=0))
             local = Endpoints()
             local.update(dict.fromkeys((trial.id for trial in trials),
                                        Endpoint(cluster.scheduler_address)))

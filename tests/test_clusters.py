@@ -9,7 +9,7 @@ import threading
 import psutil
 import pytest
 from cruijff.flows.clusters import KeepBusyWorkers, clusters, group_by_profile, slurm_cluster
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Scheduler, Worker
 from distributed.security import Security
 
 from cruijff.runner import load_experiment
@@ -28,6 +28,24 @@ def test_a_local_runs_endpoints_listen_on_this_host_only(built):
         assert {e.address.split("://")[0] for e in endpoints.values()} == {"inproc"}
     assert opened, "the scheduler and workers serve HTTP (metrics, health): none was seen"
     assert {ip for ip, _ in opened} == {"127.0.0.1"}
+
+
+def test_a_local_runs_dask_polls_nothing_of_this_process_while_stages_run(built):
+    """In-process workers and their scheduler run no statistical profiler, no memory monitor
+    (a worker's limit would be cruijff's own memory, not its stage's) and a system monitor
+    at most hourly: each took CPU from the stages on a busy machine."""
+    exp = load_experiment(built)
+    with clusters(exp, exp.trials, executor="local", workers=2, max_jobs=1) as endpoints:
+        [address] = {endpoint.address for endpoint in endpoints.values()}
+        [scheduler] = [s for s in Scheduler._instances if s.address == address]
+        workers = [w for w in Worker._instances if w.scheduler.address == address]
+        assert len(workers) == 2
+        for worker in workers:
+            assert worker.memory_manager.memory_limit is None
+            assert not {"memory_monitor", "profile", "profile-cycle"} & set(
+                worker.periodic_callbacks)
+        for server in (scheduler, *workers):
+            assert server.periodic_callbacks["monitor"].callback_time >= 3_600_000
 
 
 def test_a_slurm_runs_scheduler_takes_only_clients_holding_the_runs_certificates(

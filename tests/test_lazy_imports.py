@@ -122,12 +122,6 @@ def test_a_profile_url_is_found_as_before(tmp_path, monkeypatch):
     assert url == "http://127.0.0.1:9/api" and "profile 'x'" in source
 
 
-def test_local_dask_workers_run_without_the_profiler():
-    from cruijff.flows.clusters import DASK_CONFIG
-
-    assert DASK_CONFIG["distributed.worker.profile.enabled"] is False
-
-
 def test_what_a_run_publishes_at_its_end_imports_no_sqlalchemy(tmp_path):
     """The report note and the headline's interval read from a log need neither the store nor
     SQLAlchemy: importing them was ~0.4 s of every run's tail."""
